@@ -1,0 +1,115 @@
+"""One pruning step: score -> select -> remove, over every attention layer of a model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from prune_core.accounting import dense_record
+from prune_core.adapters import AttentionSite, attention_sites
+from prune_core.granularities import GRANULARITIES, Candidates, LayerPlan
+from prune_core.removal import apply_plan
+from prune_core.scorers import NEEDS_DATA, SCORERS, Batch, LayerScores, LossFn, default_loss
+from prune_core.thresholds import THRESHOLDS
+
+
+def _choice(kind: str, value: str, registry: dict) -> None:
+    if value not in registry:
+        raise ValueError(f"unknown {kind} {value!r}; choose one of {sorted(registry)}")
+
+
+def plan_pruning(
+    model: nn.Module,
+    *,
+    granularity: str,
+    scorer: str,
+    threshold: str,
+    amount: float,
+    calib: Iterable[Batch] | None = None,
+    loss_fn: LossFn | None = None,
+) -> tuple[list[AttentionSite], list[LayerPlan]]:
+    """What `prune` would keep in each layer, without changing the model's weights."""
+    _choice("granularity", granularity, GRANULARITIES)
+    _choice("scorer", scorer, SCORERS)
+    _choice("threshold", threshold, THRESHOLDS)
+    if not isinstance(amount, (int, float)) or not 0.0 < amount < 1.0:
+        raise ValueError(f"amount must be a fraction in (0, 1) of the attention parameters, got {amount!r}")
+    if scorer in NEEDS_DATA and calib is None:
+        raise ValueError(f"scorer {scorer!r} needs calibration batches: pass calib=<iterable of batches>")
+    sites = attention_sites(model)
+    dense_record(model)
+    shapes = [site.shape for site in sites]
+    chosen = GRANULARITIES[granularity]
+    scores = [
+        LayerScores(qk=s.qk.detach().cpu(), vo=s.vo.detach().cpu(), head=s.head.detach().cpu())
+        for s in SCORERS[scorer](model, sites, calib, loss_fn or default_loss)
+    ]
+    candidates = [c for layer, (s, shape) in enumerate(zip(scores, shapes)) for c in chosen.candidates(layer, s, shape)]
+    fraction = _family_fraction(amount, candidates, sum(shape.params for shape in shapes), granularity)
+    counts = THRESHOLDS[threshold](candidates, fraction)
+    if not any(counts.values()):
+        counts = _cheapest_unit(candidates, counts)
+    plans = [
+        chosen.plan(s, shape, {family: counts[layer, family] for family in chosen.families})
+        for layer, (s, shape) in enumerate(zip(scores, shapes))
+    ]
+    return sites, plans
+
+
+def _family_fraction(amount: float, candidates: list[Candidates], total: int, granularity: str) -> float:
+    """The share of the removable families' parameters that makes `amount` of all attention parameters.
+
+    O's bias is attention but never removable, so the removable families give up a little more.
+    """
+    removable = sum(c.family_params for c in candidates)
+    capacity = sum(c.size * len(c.costs) for c in candidates)
+    if removable == 0 or capacity == 0:
+        raise ValueError(
+            f"nothing left to prune with granularity {granularity!r}: every layer is down to one head or one "
+            "channel per head"
+        )
+    wanted = amount * total
+    smallest = min(c.size for c in candidates if len(c.costs))
+    if wanted > capacity + smallest / 2:
+        raise ValueError(
+            f"amount {amount:.3f} asks for {wanted:.0f} attention parameters, but granularity {granularity!r} can "
+            f"remove at most {capacity} ({capacity / total:.3f}) while keeping one head and one channel per head"
+        )
+    return wanted / removable
+
+
+def _cheapest_unit(candidates: list[Candidates], counts: dict) -> dict:
+    """A step too small for any whole unit still removes one: the cheapest in the largest family."""
+    family_params: dict[str, int] = {}
+    for c in (c for c in candidates if len(c.costs)):
+        family_params[c.family] = family_params.get(c.family, 0) + c.family_params
+    family = max(family_params, key=family_params.get)
+    best = min((c for c in candidates if c.family == family and len(c.costs)), key=lambda c: float(c.costs[0]))
+    return {**counts, (best.layer, family): 1}
+
+
+def prune(
+    model: nn.Module,
+    *,
+    granularity: str,
+    scorer: str,
+    threshold: str,
+    amount: float,
+    calib: Iterable[Batch] | None = None,
+    loss_fn: LossFn | None = None,
+) -> nn.Module:
+    """Physically remove `amount` of the model's current attention parameters; returns the model.
+
+    `amount` is a fraction of what remains, so repeated calls compound as in the authors' code.
+    `calib` (batches as the model takes them, with `labels`) feeds the gradient scorers;
+    `loss_fn(model, batch)` defaults to the loss the model computes itself.
+    """
+    sites, plans = plan_pruning(
+        model, granularity=granularity, scorer=scorer, threshold=threshold, amount=amount, calib=calib, loss_fn=loss_fn
+    )
+    with torch.no_grad():
+        for site, plan in zip(sites, plans):
+            apply_plan(model, site, plan)
+    return model

@@ -1,0 +1,85 @@
+"""Physical removal: shrink Q/K/V rows and O columns to what a `LayerPlan` keeps.
+
+`mask_plan` zeroes the same structures instead; the pruned model must compute exactly what the
+masked one does, which is what the tests check.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prune_core.adapters import AttentionSite
+from prune_core.attention import LayerShape
+from prune_core.granularities import LayerPlan
+
+
+def _rows(plan: LayerPlan, channels: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Flat row indices of the kept channels of the kept heads, head-major."""
+    return (plan.keep_heads[:, None] * head_dim + channels).flatten()
+
+
+def _take_rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
+    rows = rows.to(linear.weight.device)
+    smaller = nn.Linear(
+        linear.in_features, len(rows), bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype
+    )
+    with torch.no_grad():
+        smaller.weight.copy_(linear.weight[rows])
+        if linear.bias is not None:
+            smaller.bias.copy_(linear.bias[rows])
+    return smaller
+
+
+def _take_columns(linear: nn.Linear, columns: torch.Tensor) -> nn.Linear:
+    columns = columns.to(linear.weight.device)
+    smaller = nn.Linear(
+        len(columns), linear.out_features, bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype
+    )
+    with torch.no_grad():
+        smaller.weight.copy_(linear.weight[:, columns])
+        if linear.bias is not None:
+            smaller.bias.copy_(linear.bias)
+    return smaller
+
+
+def apply_plan(model: nn.Module, site: AttentionSite, plan: LayerPlan) -> None:
+    """Replace the layer's projections by smaller ones holding only what `plan` keeps."""
+    attention, shape = site.attention, site.shape
+    qk_rows = _rows(plan, plan.keep_qk, shape.qk_head_dim)
+    vo_rows = _rows(plan, plan.keep_vo, shape.v_head_dim)
+    for role, rows in (("q", qk_rows), ("k", qk_rows), ("v", vo_rows)):
+        setattr(attention, attention.names["qkv".index(role)], _take_rows(attention.projection(role), rows))
+    model.set_submodule(site.o_path, _take_columns(site.o_proj, vo_rows))
+    attention.num_heads, attention.qk_head_dim, attention.v_head_dim = plan.shape_change
+
+
+def mask_plan(site: AttentionSite, plan: LayerPlan) -> None:
+    """Zero, in place, every row and column that `apply_plan` would remove."""
+    shape = site.shape
+    removed = {}
+    for name, channels, dim in (("qk", plan.keep_qk, shape.qk_head_dim), ("vo", plan.keep_vo, shape.v_head_dim)):
+        keep = torch.zeros(shape.num_heads * dim, dtype=torch.bool)
+        keep[_rows(plan, channels, dim)] = True
+        removed[name] = ~keep
+    with torch.no_grad():
+        for role, family in (("q", "qk"), ("k", "qk"), ("v", "vo")):
+            linear = site.attention.projection(role)
+            linear.weight[removed[family].to(linear.weight.device)] = 0
+            if linear.bias is not None:
+                linear.bias[removed[family].to(linear.bias.device)] = 0
+        site.o_proj.weight[:, removed["vo"].to(site.o_proj.weight.device)] = 0
+
+
+def resize(model: nn.Module, site: AttentionSite, shape: LayerShape) -> None:
+    """Give the layer empty projections of `shape`, ready to receive saved pruned weights."""
+    attention = site.attention
+    qk, v = shape.num_heads * shape.qk_head_dim, shape.num_heads * shape.v_head_dim
+    for role, rows in (("q", qk), ("k", qk), ("v", v)):
+        old = attention.projection(role)
+        new = nn.Linear(old.in_features, rows, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+        setattr(attention, attention.names["qkv".index(role)], new)
+    old = site.o_proj
+    new = nn.Linear(v, old.out_features, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+    model.set_submodule(site.o_path, new)
+    attention.num_heads, attention.qk_head_dim, attention.v_head_dim = shape.num_heads, shape.qk_head_dim, shape.v_head_dim
