@@ -11,7 +11,8 @@ from prune_core.accounting import dense_record
 from prune_core.adapters import AttentionSite, attention_sites
 from prune_core.granularities import GRANULARITIES, Candidates, LayerPlan
 from prune_core.removal import apply_plan
-from prune_core.scorers import NEEDS_DATA, SCORERS, Batch, LayerScores, LossFn, default_loss
+from prune_core.batches import Batch, LossFn, default_loss
+from prune_core.scorers import NEEDS_DATA, SCORERS, LayerScores
 from prune_core.thresholds import THRESHOLDS
 
 

@@ -7,18 +7,15 @@ VO channel c is row c of the head in W_v together with the matching column of W_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from prune_core.adapters import AttentionSite
-
-Batch = Mapping[str, Any]
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+from prune_core.batches import Batch, LossFn, to_device
 FISHER_EPS = 1e-6  # the authors' floor, so that no structure scores exactly zero
 
 
@@ -46,11 +43,6 @@ def register(name: str, *, needs_data: bool) -> Callable[[Scorer], Scorer]:
         return scorer
 
     return add
-
-
-def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The loss a transformers model computes itself when given `labels`."""
-    return model(**batch).loss
 
 
 def _summed(elementwise: list[torch.Tensor]) -> LayerScores:
@@ -120,10 +112,6 @@ def _attention_weights(site: AttentionSite) -> list[nn.Parameter]:
     return [site.attention.projection(role).weight for role in "qkv"] + [site.o_proj.weight]
 
 
-def _to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
-
-
 def _require(calib: Iterable[Batch] | None, scorer: str) -> Iterable[Batch]:
     if calib is None:
         raise ValueError(f"scorer '{scorer}' needs calibration batches: pass calib=<iterable of batches>")
@@ -139,7 +127,7 @@ def _weight_gradients(model, sites, calib, loss_fn, scorer: str, reduce: Callabl
     with _only_attention_grads(model, sites, enable=True):
         for batch in _require(calib, scorer):
             model.zero_grad(set_to_none=True)
-            loss_fn(model, _to_device(batch, device)).backward()
+            loss_fn(model, to_device(batch, device)).backward()
             for layer, total in zip(weights, totals):
                 for weight, acc in zip(layer, total):
                     acc += reduce(weight.grad.float())
@@ -216,7 +204,7 @@ def fisher_mask(model, sites, calib, loss_fn):
         with _only_attention_grads(model, sites, enable=False):
             for batch in _require(calib, "fisher_mask"):
                 masks.clear()
-                batch = _to_device(batch, device)
+                batch = to_device(batch, device)
                 loss = loss_fn(model, batch)
                 size = masks[0, "qk"].shape[0]
                 (loss * size).backward()  # per-sample gradients of a mean loss
