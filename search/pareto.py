@@ -1,0 +1,53 @@
+"""The accuracy–sparsity Pareto front, its hypervolume, and the area objective that ranks trials.
+
+Pure functions on plain numbers, so the same code serves ASHA during a search, the report after it,
+and the notebook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+Point = tuple[float, float]  # (attention sparsity, accuracy); both larger is better
+
+
+def dominates(a: Point, b: Point) -> bool:
+    """`a` is at least as good as `b` in both objectives and better in one."""
+    return a[0] >= b[0] and a[1] >= b[1] and (a[0] > b[0] or a[1] > b[1])
+
+
+def pareto_front(points: Sequence[Point]) -> list[int]:
+    """Indices of the non-dominated points (the first of identical points only), by sparsity."""
+    chosen: list[int] = []
+    best_accuracy = float("-inf")
+    for index in sorted(range(len(points)), key=lambda i: (-points[i][0], -points[i][1], i)):
+        if points[index][1] > best_accuracy:
+            chosen.append(index)
+            best_accuracy = points[index][1]
+    return sorted(chosen, key=lambda i: points[i][0])
+
+
+def hypervolume(points: Sequence[Point], reference: Point = (0.0, 0.0)) -> float:
+    """Area dominated by `points` and bounded below by `reference` (sparsity, accuracy)."""
+    front = [points[i] for i in pareto_front(points) if points[i][0] > reference[0] and points[i][1] > reference[1]]
+    area, floor = 0.0, reference[1]
+    for sparsity, accuracy in sorted(front, key=lambda p: -p[0]):
+        area += (sparsity - reference[0]) * (accuracy - floor)
+        floor = accuracy
+    return area
+
+
+def normalized_area(curve: Sequence[Point], target: float) -> float:
+    """Area under a trial's accuracy–sparsity curve so far, divided by the target sparsity.
+
+    The curve starts at the dense model (sparsity 0). A trial that keeps accuracy `a` all the way
+    to the target scores `a`; one that stops halfway scores at most `a / 2`, so the score rewards
+    both staying accurate and going further, and compares trials with different step sizes fairly.
+    """
+    if target <= 0:
+        raise ValueError(f"target sparsity must be > 0, got {target}")
+    ordered = sorted(curve)
+    area = 0.0
+    for (s0, a0), (s1, a1) in zip(ordered, ordered[1:]):
+        area += (min(s1, target) - min(s0, target)) * (a0 + a1) / 2
+    return area / target
