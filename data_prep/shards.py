@@ -1,0 +1,286 @@
+"""`prepare`: audio -> AST fbank features -> Parquet shards per split, in parallel on Ray Data.
+
+Each shard is planned up front from the listing (a fixed set of clips), computed by one Ray task and
+written atomically (temp file, then rename) with a sidecar recording its stats and quarantined
+files. A re-run skips shards whose sidecar matches, so a killed run resumes without duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_prep.audio import AudioError, load_audio
+from data_prep.features import AST_STATS, FeatureParams, RunningStats, fbank
+from data_prep.loader import DTYPES, MANIFEST
+from data_prep.sources import SPLITS, Clip, Listing, list_source
+
+NORMALIZATIONS = ("measured", "ast_speechcommands", "ast_audioset")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """What `prune-search data prepare` was asked for; validated here, trusted inside."""
+
+    source: str
+    input: Path
+    out: Path
+    task: int = 35
+    features: FeatureParams = field(default_factory=FeatureParams)
+    dtype: str = "float16"
+    normalization: str = "measured"
+    shard_size: int = 512
+    workers: int = 2
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"--normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One shard to write: its split, index and clips; `key` changes whenever its content would."""
+
+    split: str
+    index: int
+    clips: tuple[Clip, ...]
+    key: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}/part-{self.index:05d}.parquet"
+
+
+def plan_shards(listing: Listing, config: PrepareConfig) -> list[ShardSpec]:
+    """Split each split's clips (sorted by id, so the plan is stable) into shards of `shard_size`."""
+    settings = json.dumps({"features": config.features.to_dict(), "dtype": config.dtype, "task": listing.task})
+    specs = []
+    for split in SPLITS:
+        clips = sorted((c for c in listing.clips if c.split == split), key=lambda c: c.id)
+        for index, begin in enumerate(range(0, len(clips), config.shard_size)):
+            chunk = tuple(clips[begin : begin + config.shard_size])
+            digest = hashlib.sha256(settings.encode())
+            for clip in chunk:
+                digest.update(f"{clip.id}|{clip.path}|{clip.labels}|{clip.start}|{clip.end}\n".encode())
+            specs.append(ShardSpec(split, index, chunk, digest.hexdigest()[:16]))
+    return specs
+
+
+def _schema(task: str, dtype: str, size: int) -> pa.Schema:
+    label = pa.field("label", pa.int32()) if task == "single_label" else pa.field("labels", pa.list_(pa.int32()))
+    return pa.schema(
+        [
+            pa.field("id", pa.string()),
+            pa.field("split", pa.string()),
+            label,
+            pa.field("features", pa.list_(DTYPES[dtype], size)),
+            pa.field("frames", pa.int32()),
+            pa.field("path", pa.string()),
+        ]
+    )
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def write_shard(spec: ShardSpec, out: Path, task: str, features: FeatureParams, dtype: str) -> dict:
+    """Compute one shard's features and write it atomically; returns its sidecar (stats, quarantine)."""
+    rows: dict[str, list] = {name: [] for name in ("id", "split", "label", "features", "frames", "path")}
+    stats = RunningStats()
+    quarantined = []
+    seconds = features.max_length * features.frame_shift_ms / 1000 + 1.0
+    for clip in spec.clips:
+        try:
+            audio = load_audio(clip.path, features.sample_rate)
+            begin = int(clip.start * features.sample_rate)
+            end = None if clip.end is None else int(clip.end * features.sample_rate)
+            audio = audio[begin:end][: int(seconds * features.sample_rate)]  # frames past max_length are cut anyway
+            matrix, frames = fbank(audio, features)
+        except AudioError as error:
+            quarantined.append({"path": clip.path, "id": clip.id, "reason": error.reason, "detail": str(error)})
+            continue
+        stats.update(matrix[:frames])
+        rows["id"].append(clip.id)
+        rows["split"].append(spec.split)
+        rows["label"].append(clip.labels[0] if task == "single_label" else list(clip.labels))
+        rows["features"].append(matrix.numpy().astype(np.float16 if dtype == "float16" else np.float32).ravel())
+        rows["frames"].append(frames)
+        rows["path"].append(clip.path)
+    target = out / spec.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if rows["id"]:
+        schema = _schema(task, dtype, features.max_length * features.num_mel_bins)
+        columns = {("label" if task == "single_label" else "labels") if k == "label" else k: v for k, v in rows.items()}
+        columns["features"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(np.concatenate(rows["features"]), type=DTYPES[dtype]), features.max_length * features.num_mel_bins
+        )
+        table = pa.Table.from_pydict(columns, schema=schema)
+        temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        pq.write_table(table, temporary)
+        os.replace(temporary, target)
+    sidecar = {
+        "key": spec.key,
+        "shard": spec.name,
+        "rows": len(rows["id"]),
+        "stats": stats.to_dict(),
+        "quarantined": quarantined,
+    }
+    _atomic_write_bytes(target.with_suffix(".json"), json.dumps(sidecar).encode())
+    return sidecar
+
+
+def _finished(spec: ShardSpec, out: Path) -> dict | None:
+    """The sidecar of a shard finished with the same content key, if any."""
+    sidecar_path = (out / spec.name).with_suffix(".json")
+    if not sidecar_path.is_file():
+        return None
+    sidecar = json.loads(sidecar_path.read_text())
+    if sidecar.get("key") != spec.key or (sidecar["rows"] and not (out / spec.name).is_file()):
+        return None
+    return sidecar
+
+
+def _run_on_ray(pending: list[ShardSpec], config: PrepareConfig, task: str, on_done) -> None:
+    """One Ray Data row per shard: read -> features -> write, `workers` at a time (a cluster when RAY_ADDRESS is set)."""
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=False)
+        else:
+            ray.init(num_cpus=config.workers, include_dashboard=False, log_to_driver=False)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # our own bar counts files, Ray's would count shards
+    specs = {spec.name: spec for spec in pending}
+    out, features, dtype = config.out, config.features, config.dtype
+
+    def process(row: dict) -> dict:
+        return {"sidecar": json.dumps(write_shard(specs[row["shard"]], out, task, features, dtype))}
+
+    dataset = ray.data.from_items([{"shard": name} for name in specs], override_num_blocks=len(specs))
+    tasks = ray.data.TaskPoolStrategy(size=config.workers)
+    for row in dataset.map(process, compute=tasks, num_cpus=1).iter_rows():
+        on_done(json.loads(row["sidecar"]))
+
+
+def prepare(config: PrepareConfig) -> dict:
+    """Prepare a data set folder into Parquet shards and `manifest.json`; returns the manifest."""
+    started = time.perf_counter()
+    listing = list_source(config.source, config.input, config.task)
+    specs = plan_shards(listing, config)
+    config.out.mkdir(parents=True, exist_ok=True)
+    _remove_stale(config.out, {spec.name for spec in specs})
+    done = {spec.name: sidecar for spec in specs if (sidecar := _finished(spec, config.out)) is not None}
+    pending = [spec for spec in specs if spec.name not in done]
+    total = sum(len(spec.clips) for spec in specs)
+    progress = _Progress(total, sum(len(spec.clips) for spec in specs if spec.name in done))
+    if pending:
+        def on_done(sidecar: dict) -> None:
+            done[sidecar["shard"]] = sidecar
+            progress.advance(sidecar["rows"] + len(sidecar["quarantined"]))
+
+        _run_on_ray(pending, config, listing.task, on_done)
+    progress.close()
+    manifest = _manifest(config, listing, specs, done, time.perf_counter() - started)
+    _atomic_write_bytes(config.out / MANIFEST, json.dumps(manifest, indent=2).encode())
+    _print_summary(manifest, config.out)
+    return manifest
+
+
+def _remove_stale(out: Path, planned: set[str]) -> None:
+    """Shards of an earlier, different plan would be mistaken for this one's; temp files of a killed run go too."""
+    for split in SPLITS:
+        for path in (out / split).glob(".part-*.tmp-*"):
+            path.unlink()
+        for path in (out / split).glob("part-*"):
+            if f"{split}/{path.with_suffix('.parquet').name}" not in planned:
+                path.unlink()
+
+
+def _normalization(config: PrepareConfig, train: RunningStats) -> dict:
+    if config.normalization == "measured":
+        if train.count == 0:
+            raise ValueError("--normalization measured needs training clips, and the train split is empty")
+        return {"kind": "measured", "mean": train.mean, "std": train.std}
+    mean, std = AST_STATS[config.normalization.removeprefix("ast_")]
+    return {"kind": config.normalization, "mean": mean, "std": std}
+
+
+def _manifest(config: PrepareConfig, listing: Listing, specs: list[ShardSpec], done: dict, seconds: float) -> dict:
+    train = RunningStats()
+    for spec in specs:
+        if spec.split == "train":
+            train = train.merge(RunningStats.from_dict(done[spec.name]["stats"]))
+    quarantined = list(listing.quarantined) + [q for spec in specs for q in done[spec.name]["quarantined"]]
+    splits = {}
+    for split in SPLITS:
+        names = [spec.name for spec in specs if spec.split == split and done[spec.name]["rows"]]
+        splits[split] = {"rows": sum(done[name]["rows"] for name in names), "shards": names}
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        for name in splits[split]["shards"]:
+            digest.update(name.encode())
+            digest.update(hashlib.sha256((config.out / name).read_bytes()).digest())
+    return {
+        "source": listing.source,
+        "task": listing.task,
+        "labels": list(listing.labels),
+        "features": {**config.features.to_dict(), "dtype": config.dtype},
+        "normalization": _normalization(config, train),
+        "splits": splits,
+        "quarantined": quarantined,
+        "notes": list(listing.notes),
+        "input": str(config.input),
+        "seconds": round(seconds, 1),
+        "content_hash": digest.hexdigest(),
+    }
+
+
+class _Progress:
+    """A files-done bar on stderr (tqdm), so a long prepare shows it is moving."""
+
+    def __init__(self, total: int, already: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=already, unit="file", desc="prepare", file=sys.stderr, disable=None)
+
+    def advance(self, count: int) -> None:
+        self.bar.update(count)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _print_summary(manifest: dict, out: Path) -> None:
+    counts = ", ".join(f"{split} {info['rows']}" for split, info in manifest["splits"].items())
+    print(f"prepared {counts} clips into {out} ({manifest['seconds']} s)")
+    quarantined = manifest["quarantined"]
+    if quarantined:
+        reasons = Counter(entry["reason"] for entry in quarantined)
+        print(f"quarantined {len(quarantined)} files: " + ", ".join(f"{r} {n}" for r, n in reasons.most_common()))
+        for entry in quarantined[:5]:
+            print(f"  {entry['reason']}: {entry['path']}")
+        if len(quarantined) > 5:
+            print(f"  ... all of them in {out / MANIFEST}")
+    for note in manifest["notes"]:
+        print(f"note: {note}")
