@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from prune_core.adapters import attention_sites, example_input
-from prune_core.attention import PrunedAttention
+from prune_core.attention import LayerShape, PrunedAttention
 
 RECORD = "attention_pruning"  # key in model.config: the dense shapes, saved with the model
 
@@ -34,6 +36,12 @@ def attention_sparsity(model: nn.Module) -> float:
     if record is None:
         return 0.0
     return 1.0 - attention_params(model) / record["dense_attention_params"]
+
+
+def layer_sparsity(model: nn.Module) -> list[float]:
+    """Per layer, the fraction of its dense attention parameters that is gone (where strategies prune)."""
+    dense = [LayerShape(**shape).params for shape in dense_record(model)["dense_layers"]]
+    return [1.0 - site.shape.params / total for site, total in zip(attention_sites(model), dense)]
 
 
 def total_params(model: nn.Module) -> int:
@@ -76,3 +84,28 @@ def macs_per_sample(model: nn.Module, inputs: Mapping[str, torch.Tensor] | None 
         model.train(was_training)
     batch = next(iter(inputs.values())).shape[0]
     return total // batch
+
+
+@torch.inference_mode()
+def latency_ms(
+    model: nn.Module, inputs: Mapping[str, torch.Tensor] | None = None, repeats: int = 20, warmup: int = 3
+) -> float:
+    """Median wall time of one forward pass in milliseconds, synchronising the GPU around each run."""
+    inputs = dict(inputs) if inputs is not None else example_input(model)
+    device = next(model.parameters()).device
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(warmup):
+            model(**inputs)
+        times = []
+        for _ in range(repeats):
+            synchronize()
+            start = time.perf_counter()
+            model(**inputs)
+            synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        model.train(was_training)
+    return statistics.median(times)

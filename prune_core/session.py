@@ -66,6 +66,7 @@ class SessionConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     task: str = "single_label"
     calib_batches: int = 8
+    final_sparsity: float | None = None  # cap the schedule here (a search's target sparsity)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -82,10 +83,13 @@ class SessionConfig:
             raise ValueError(f"unknown task {self.task!r}; choose one of {TASKS}")
         if self.calib_batches < 1:
             raise ValueError(f"calib_batches must be >= 1, got {self.calib_batches}")
+        if self.final_sparsity is not None and not 0 < self.final_sparsity < 1:
+            raise ValueError(f"final_sparsity must be in (0, 1), got {self.final_sparsity}")
 
     def target(self, step: int) -> float:
-        """Attention sparsity the schedule reaches after `step` steps."""
-        return SCHEDULES[self.schedule](self.step_ratio, step)
+        """Attention sparsity the schedule reaches after `step` steps (capped at `final_sparsity`)."""
+        reached = SCHEDULES[self.schedule](self.step_ratio, step)
+        return reached if self.final_sparsity is None else min(reached, self.final_sparsity)
 
     def to_dict(self) -> dict:
         return asdict(self)

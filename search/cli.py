@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from prune_core import GRANULARITIES, SCORERS, THRESHOLDS
@@ -31,49 +30,85 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """Interim demo of the pruning core on the small demo-size AST (the full search demo replaces it)."""
-    import copy
+def _data_synth(args: argparse.Namespace) -> int:
+    """Write the synthetic spoken-commands set (eSpeak NG) in the SpeechCommands layout."""
+    from data_prep.synth import DEFAULT_WORDS, SynthConfig, synthesize
 
-    import torch
-
-    from prune_core import attention_sites, attention_sparsity, build_ast, load_pruned, macs_per_sample, prune, save_pruned
-    from prune_core.adapters import example_input
-
-    torch.manual_seed(0)
-    dense = build_ast(num_labels=10).eval()
-    inputs = example_input(dense)
-    out = Path(args.out)
-    print(f"{'granularity':<14}{'sparsity':>9}{'MACs ratio':>11}{'ms dense':>9}{'ms pruned':>10}  shapes (heads, qk dim, v dim)")
-    for granularity in GRANULARITIES:
-        model = prune(copy.deepcopy(dense), granularity=granularity, scorer="magnitude", threshold="global", amount=0.5)
-        reloaded = load_pruned(save_pruned(model, out / granularity))
-        with torch.inference_mode():
-            assert torch.equal(reloaded(**inputs).logits, model(**inputs).logits)
-        timings = [_median_ms(m, inputs) for m in (dense, model)]
-        shapes = [(s.shape.num_heads, s.shape.qk_head_dim, s.shape.v_head_dim) for s in attention_sites(model)]
-        print(
-            f"{granularity:<14}{attention_sparsity(model):>9.1%}{macs_per_sample(dense) / macs_per_sample(model):>11.2f}"
-            f"{timings[0]:>9.2f}{timings[1]:>10.2f}  {shapes}"
-        )
-    print(f"pruned models saved under {out}/ (safetensors + JSON)")
+    words = tuple(args.words.split(",")) if args.words else DEFAULT_WORDS
+    summary = synthesize(args.out, SynthConfig(words=words, clips_per_word=args.clips_per_word, seed=args.seed), workers=args.workers)
+    print(f"synthesized {summary.clips} into {args.out} in {summary.seconds:.1f} s")
     return 0
 
 
-def _median_ms(model, inputs, repeats: int = 30) -> float:
-    import statistics
+def _data_prepare(args: argparse.Namespace) -> int:
+    """Audio folder -> Parquet shards + manifest.json; with --strict any quarantined file fails the run."""
+    from data_prep.features import FeatureParams
+    from data_prep.shards import PrepareConfig, prepare
 
-    import torch
+    config = PrepareConfig(
+        source=args.source,
+        input=Path(args.input),
+        out=Path(args.out),
+        task=args.task,
+        features=FeatureParams(num_mel_bins=args.num_mel_bins, max_length=args.max_length),
+        dtype=args.dtype,
+        normalization=args.normalization,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        strict=args.strict,
+    )
+    manifest = prepare(config)
+    if config.strict and manifest["quarantined"]:
+        print(f"error: --strict and {len(manifest['quarantined'])} files were quarantined", file=sys.stderr)
+        return 1
+    return 0
 
-    with torch.inference_mode():
-        for _ in range(3):
-            model(**inputs)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(**inputs)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+
+def _baseline(args: argparse.Namespace) -> int:
+    """Train the small AST from scratch on a prepared set (or fine-tune --init), cached."""
+    from search.baseline import BaselineConfig, train_baseline
+
+    config = BaselineConfig(init=args.init, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    train_baseline(args.data, args.out, config)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from search.runner import run
+    from search.space import load_config
+
+    config = load_config(args.config, trials=args.trials, time_budget_s=args.time_budget)
+    return run(config, address=args.address, runs_dir=Path(args.runs))
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from search.runner import resume
+
+    return resume(args.experiment, address=args.address, runs_dir=Path(args.runs))
+
+
+def _report(args: argparse.Namespace) -> int:
+    from search.runner import report
+
+    return report(args.experiment, out=Path(args.out) if args.out else None, runs_dir=Path(args.runs))
+
+
+def _ui(args: argparse.Namespace) -> int:
+    """The MLflow UI on 127.0.0.1 (unless --host says otherwise) over this project's tracking store."""
+    import subprocess
+
+    from search.tracking import tracking_uri
+
+    uri = tracking_uri(Path(args.runs))
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}")
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+                            "--port", str(args.port)])
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from search.demo import demo
+
+    return demo(Path(args.runs), workers=args.workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,9 +124,72 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", required=True, help="directory to write the pruned model to")
     prune.set_defaults(run=_prune)
 
-    demo = commands.add_parser("demo", help="run the embedded demo")
-    demo.add_argument("--out", default="runs/demo", help="where to write outputs")
+    data = commands.add_parser("data", help="make and prepare data sets").add_subparsers(dest="data", required=True)
+    synth = data.add_parser("synth", help="synthesize spoken commands with eSpeak NG (SpeechCommands layout)")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--words", default=None, help="comma-separated word list (default: the 10 SpeechCommands commands)")
+    synth.add_argument("--clips-per-word", type=int, default=504)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, default=2)
+    synth.set_defaults(run=_data_synth)
+
+    prep = data.add_parser("prepare", help="audio folder -> AST features in Parquet shards (Ray Data)")
+    prep.add_argument("--source", choices=["speechcommands", "audioset"], required=True)
+    prep.add_argument("--input", required=True, help="the data set folder in its real layout")
+    prep.add_argument("--out", required=True)
+    prep.add_argument("--task", type=int, choices=[12, 35], default=35, help="SpeechCommands task")
+    prep.add_argument("--max-length", type=int, default=128, help="frames (10 ms each): 128 SpeechCommands, 1024 AudioSet")
+    prep.add_argument("--num-mel-bins", type=int, default=128)
+    prep.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    prep.add_argument(
+        "--normalization",
+        choices=["measured", "ast_speechcommands", "ast_audioset"],
+        default="measured",
+        help="mean/std measured on the train split, or the constants of the pretrained AST checkpoints",
+    )
+    prep.add_argument("--shard-size", type=int, default=512)
+    prep.add_argument("--workers", type=int, default=2)
+    prep.add_argument("--strict", action="store_true", help="exit non-zero if any file was quarantined")
+    prep.set_defaults(run=_data_prepare)
+
+    baseline = commands.add_parser("baseline", help="train the dense baseline on a prepared set")
+    baseline.add_argument("--data", required=True, help="a folder written by `data prepare`")
+    baseline.add_argument("--out", required=True)
+    baseline.add_argument("--init", default=None, help="fine-tune this pretrained checkpoint instead of training from scratch")
+    baseline.add_argument("--epochs", type=int, default=25)
+    baseline.add_argument("--lr", type=float, default=2e-3)
+    baseline.add_argument("--batch-size", type=int, default=64)
+    baseline.add_argument("--seed", type=int, default=0)
+    baseline.set_defaults(run=_baseline)
+
+    run = commands.add_parser("run", help="search pruning strategies (Ray Tune + Optuna + ASHA, tracked in MLflow)")
+    run.add_argument("--config", required=True, help="a YAML search config, e.g. configs/demo.yaml")
+    run.add_argument("--address", default=None, help="a Ray cluster address (default: RAY_ADDRESS, else local)")
+    run.add_argument("--trials", type=int, default=None, help="override the config's trial count")
+    run.add_argument("--time-budget", type=float, default=None, help="override the config's time budget (s)")
+    run.set_defaults(run=_run)
+
+    resume = commands.add_parser("resume", help="continue a stopped search")
+    resume.add_argument("--experiment", required=True)
+    resume.add_argument("--address", default=None)
+    resume.set_defaults(run=_resume)
+
+    report = commands.add_parser("report", help="print the Pareto front and write the report files")
+    report.add_argument("--experiment", required=True)
+    report.add_argument("--out", default=None, help="default: runs/<experiment>/report")
+    report.set_defaults(run=_report)
+
+    ui = commands.add_parser("ui", help="the MLflow UI over runs/mlflow.db")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(run=_ui)
+
+    demo = commands.add_parser("demo", help="the whole embedded job: data, baseline, search, Pareto report")
+    demo.add_argument("--workers", type=int, default=2)
     demo.set_defaults(run=_demo)
+
+    for command in (run, resume, report, ui, demo):
+        command.add_argument("--runs", default="runs", help="where runs, the MLflow store and reports live")
     return parser
 
 

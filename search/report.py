@@ -1,0 +1,174 @@
+"""The Pareto report, built from what MLflow holds (so it works on finished, running and resumed searches).
+
+Every (trial, step) point of the search's child runs is collected; the non-dominated set over
+(attention sparsity up, accuracy up) is written as a Parquet table, a PNG plot, a self-contained
+HTML page, and logged on the parent run with the metric `pareto_hypervolume`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from search.pareto import hypervolume, pareto_front
+from search.tracking import SEARCH_TAG, STOPPED_TAG, TRIAL_TAG
+
+# Hypervolume reference point: sparsity 0 (the dense model) and accuracy 0 (stated in the report).
+REFERENCE = (0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class Report:
+    points: pd.DataFrame
+    front: pd.DataFrame
+    hypervolume: float
+    latency_front: pd.DataFrame
+    files: dict[str, Path]
+
+
+def find_parent(client: MlflowClient, experiment_name: str) -> tuple[str, str]:
+    """(experiment id, parent run id) of the newest search in that MLflow experiment."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise ValueError(f"no MLflow experiment named {experiment_name!r} at {client.tracking_uri}")
+    parents = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{SEARCH_TAG}` != ''", order_by=["attributes.start_time DESC"]
+    )
+    parents = [run for run in parents if "mlflow.parentRunId" not in run.data.tags]
+    if not parents:
+        raise ValueError(f"experiment {experiment_name!r} has no search (parent) run yet")
+    return experiment.experiment_id, parents[0].info.run_id
+
+
+def collect_points(client: MlflowClient, experiment: str, parent: str, metric: str) -> pd.DataFrame:
+    """One row per (trial, step) with the trial's strategy and state."""
+    children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    rows = []
+    for run in children:
+        history = {}
+        for key in (metric, "attention_sparsity", "latency_ms", "params", "macs"):
+            for entry in client.get_metric_history(run.info.run_id, key):
+                history.setdefault(entry.step, {})[key] = entry.value
+        tags, params = run.data.tags, run.data.params
+        for step, values in sorted(history.items()):
+            if metric not in values or "attention_sparsity" not in values:
+                continue
+            rows.append(
+                {
+                    "trial": tags.get(TRIAL_TAG, run.info.run_name),
+                    "run_id": run.info.run_id,
+                    "strategy": tags.get("strategy", ""),
+                    "granularity": tags.get("granularity"),
+                    "scorer": tags.get("scorer"),
+                    "threshold": tags.get("threshold"),
+                    "step_ratio": float(params.get("step_ratio", "nan")),
+                    "lora_rank": params.get("lora_rank"),
+                    "step": step,
+                    metric: values[metric],
+                    "attention_sparsity": values["attention_sparsity"],
+                    "latency_ms": values.get("latency_ms"),
+                    "params": values.get("params"),
+                    "macs": values.get("macs"),
+                    "status": run.info.status,
+                    "asha_stopped": tags.get(STOPPED_TAG) == "true",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def build_report(points: pd.DataFrame, metric: str, out: Path, title: str) -> Report:
+    """Front, hypervolume and the three files, written under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    if points.empty:
+        raise ValueError("no (trial, step) points with metrics yet: nothing to report")
+    pairs = list(zip(points["attention_sparsity"], points[metric]))
+    front = points.iloc[pareto_front(pairs)].reset_index(drop=True)
+    volume = hypervolume(pairs, REFERENCE)
+    timed = points.dropna(subset=["latency_ms"])
+    latency_pairs = list(zip(-timed["latency_ms"], timed[metric]))
+    latency_front = timed.iloc[pareto_front(latency_pairs)].reset_index(drop=True) if len(timed) else timed
+    files = {"table": out / "pareto.parquet", "plot": out / "pareto.png", "html": out / "report.html"}
+    front.to_parquet(files["table"], index=False)
+    _plot(points, front, metric, files["plot"], title)
+    _html(points, front, latency_front, metric, volume, files, title)
+    return Report(points, front, volume, latency_front, files)
+
+
+def _plot(points: pd.DataFrame, front: pd.DataFrame, metric: str, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5), dpi=110)
+    for strategy, group in points.groupby("strategy"):
+        for _, trial in group.groupby("trial"):
+            trial = trial.sort_values("step")
+            axis.plot(100 * trial["attention_sparsity"], trial[metric], alpha=0.25, linewidth=1, color="grey")
+        axis.scatter(100 * group["attention_sparsity"], group[metric], s=18, label=strategy, alpha=0.8)
+    ordered = front.sort_values("attention_sparsity")
+    axis.step(100 * ordered["attention_sparsity"], ordered[metric], where="post", color="black", linewidth=1.5)
+    axis.scatter(100 * ordered["attention_sparsity"], ordered[metric], s=60, facecolors="none", edgecolors="black",
+                 label="Pareto front")
+    axis.set_xlabel("attention sparsity (%)")
+    axis.set_ylabel(metric)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _table(frame: pd.DataFrame, metric: str) -> str:
+    columns = ["trial", "strategy", "step_ratio", "lora_rank", "step", "attention_sparsity", metric, "latency_ms", "params"]
+    columns = [c for c in columns if c in frame]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(row[c]))}</td>" for c in columns) + "</tr>" for _, row in frame.iterrows()
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _html(points, front, latency_front, metric: str, volume: float, files: dict[str, Path], title: str) -> None:
+    image = base64.b64encode(files["plot"].read_bytes()).decode()
+    stopped = points.groupby("trial")["asha_stopped"].first().sum()
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse;font-size:0.85em}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>{points['trial'].nunique()} trials ({stopped} stopped early by ASHA), {len(points)} (trial, step) points.
+Hypervolume of the accuracy&ndash;sparsity front: <b>{volume:.4f}</b> (reference point: attention sparsity 0, {metric} 0).</p>
+<img src="data:image/png;base64,{image}" alt="Pareto front">
+<h2>Pareto front: {metric} up, attention sparsity up</h2>{_table(front, metric)}
+<h2>Latency view: {metric} up, latency down</h2>{_table(latency_front, metric)}
+</body></html>"""
+    files["html"].write_text(page)
+
+
+def log_report(client: MlflowClient, parent: str, report: Report) -> None:
+    """Attach the report files and `pareto_hypervolume` to the search's parent run."""
+    for path in report.files.values():
+        client.log_artifact(parent, str(path), artifact_path="pareto")
+    client.log_metric(parent, "pareto_hypervolume", report.hypervolume)
+
+
+def print_front(report: Report, metric: str) -> None:
+    """The front as a table on the terminal."""
+    print(f"{'trial':<14}{'strategy':<36}{'step':>5}{'sparsity':>10}{metric:>10}{'latency ms':>12}")
+    for _, row in report.front.iterrows():
+        latency = "" if pd.isna(row["latency_ms"]) else f"{row['latency_ms']:.2f}"
+        print(
+            f"{str(row['trial'])[:13]:<14}{row['strategy'][:35]:<36}{row['step']:>5}"
+            f"{row['attention_sparsity']:>10.1%}{row[metric]:>10.4f}{latency:>12}"
+        )
+    print(f"hypervolume {report.hypervolume:.4f} (reference: sparsity 0, {metric} 0)")

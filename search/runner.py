@@ -1,0 +1,309 @@
+"""Run, resume and report a pruning-strategy search: Optuna proposes, ASHA stops, MLflow tracks.
+
+Design choices (see the README): ASHA's time attribute is the attention sparsity reached in percent
+and its metric the normalized area under the accuracy–sparsity curve, so trials with different step
+ratios are compared at the same sparsity. Optuna optimizes the same final area, or with
+`multi_objective: true` the pair (accuracy, attention sparsity); metric and mode are then given to
+the searcher and the scheduler separately (a TuneConfig metric would make the study single-objective),
+and a trial ASHA stopped is told to Optuna as PRUNED instead of COMPLETE with a partial result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import ray
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from data_prep.loader import LoaderConfig, read_manifest
+from prune_core.metrics import METRIC_NAME
+from search.report import build_report, collect_points, log_report, print_front
+from search.space import SearchConfig, load_config
+from search.tracking import MlflowTracker, experiment_id, parent_run, tracking_uri
+from search.trainable import TrialSettings, run_trial
+
+STATE_FILE = "search.json"
+
+
+class StudyAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna a trial stopped early (no `final` result) was PRUNED.
+
+    Ray hands a trial ASHA stopped to the searcher as complete with its last partial result; in
+    multi-objective mode that partial (accuracy, sparsity) pair would enter Optuna's front.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if isinstance(self.metric, list) and result is not None and not result.get("final", False):
+            result = None
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def _distributions(config: SearchConfig) -> dict:
+    import optuna
+
+    space = {}
+    for param in config.space:
+        if param.choices is not None:
+            space[param.name] = optuna.distributions.CategoricalDistribution(list(param.choices))
+        elif param.distribution == "int":
+            space[param.name] = optuna.distributions.IntDistribution(int(param.low), int(param.high))
+        else:
+            log = param.distribution == "loguniform"
+            space[param.name] = optuna.distributions.FloatDistribution(param.low, param.high, log=log)
+    return space
+
+
+def _searcher(config: SearchConfig, study_name: str, metric: str) -> ConcurrencyLimiter:
+    import optuna
+
+    if config.multi_objective:
+        objective = {"metric": [metric, "attention_sparsity"], "mode": ["max", "max"]}
+        sampler = optuna.samplers.NSGAIISampler(seed=config.seed)
+    else:
+        objective = {"metric": "area", "mode": "max"}
+        sampler = optuna.samplers.TPESampler(seed=config.seed)
+    searcher = StudyAwareOptunaSearch(
+        space=_distributions(config),
+        points_to_evaluate=[dict(p) for p in config.points_to_evaluate] or None,
+        sampler=sampler,
+        study_name=study_name,
+        **objective,
+    )
+    return ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent)
+
+
+def _scheduler(config: SearchConfig) -> AsyncHyperBandScheduler:
+    return AsyncHyperBandScheduler(
+        time_attr="sparsity_pct",
+        metric="area",
+        mode="max",
+        max_t=round(100 * config.target_sparsity),
+        grace_period=config.asha.grace_period,
+        reduction_factor=config.asha.reduction_factor,
+    )
+
+
+@dataclass(frozen=True)
+class SearchState:
+    """What `resume` and `report` need to find a search again (runs/<experiment>/search.json)."""
+
+    config_path: str
+    search_id: str
+    experiment_dir: str
+    tracking_uri: str
+    mlflow_experiment: str
+    parent_run: str
+    metric: str
+    settings: dict
+
+
+def _connect(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+
+
+def _dense_metric(config: SearchConfig, settings: TrialSettings) -> float:
+    """The baseline's metric on the evaluation split, computed once on trial-like resources."""
+
+    @ray.remote(num_cpus=config.resources.cpu, num_gpus=config.resources.gpu)
+    def evaluate_baseline() -> float:
+        import torch
+
+        from data_prep.loader import make_loader
+        from prune_core import load_model
+        from prune_core.metrics import evaluate
+
+        device = "cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu"
+        model = load_model(settings.baseline).to(device)
+        batches = make_loader(settings.data, settings.eval_split, settings.loader, train=False)
+        return evaluate(model, batches, settings.task)[settings.metric_name]
+
+    return ray.get(evaluate_baseline.remote())
+
+
+def _settings(config: SearchConfig, manifest: dict, dense: float) -> TrialSettings:
+    task = manifest["task"]
+    loader = LoaderConfig(
+        batch_size=config.loader.batch_size,
+        eval_batch_size=config.loader.eval_batch_size,
+        spec_augment=config.loader.spec_augment,
+        freq_mask=config.loader.freq_mask,
+        time_mask=config.loader.time_mask,
+        mixup=config.loader.mixup,
+        balanced=config.loader.balanced,
+        seed=config.seed,
+    )
+    baseline = Path(config.baseline)
+    return TrialSettings(  # absolute paths: Tune runs each trial in its own working directory
+        baseline=str(baseline.resolve()) if baseline.exists() else config.baseline,
+        data=str(Path(config.data).resolve()),
+        task=task,
+        metric_name=METRIC_NAME[task],
+        dense_metric=dense,
+        target_sparsity=config.target_sparsity,
+        schedule=config.schedule,
+        eval_split=config.eval_split,
+        calib_batches=config.calib_batches,
+        train_batches_per_step=config.train_batches_per_step,
+        latency_repeats=config.latency_repeats,
+        lora_targets=config.lora_targets,
+        loader=loader,
+        use_gpu=config.resources.gpu > 0,
+        seed=config.seed,
+    )
+
+
+def _trainable(config: SearchConfig, settings: TrialSettings):
+    resources = {"cpu": config.resources.cpu, "gpu": config.resources.gpu}
+    return tune.with_resources(tune.with_parameters(run_trial, settings=settings), resources)
+
+
+def _check_inputs(config: SearchConfig) -> dict:
+    manifest = read_manifest(Path(config.data))
+    if config.eval_split not in manifest["splits"] or not manifest["splits"][config.eval_split]["rows"]:
+        raise ValueError(f"{config.source}: eval_split {config.eval_split!r} is empty in {config.data}")
+    baseline = Path(config.baseline)
+    if config.baseline.startswith((".", "/")) or "/" not in config.baseline or baseline.exists():
+        if not (baseline / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{config.source}: baseline {config.baseline!r} has no config.json; train one with "
+                "`prune-search baseline` or give a save_pretrained directory"
+            )
+    return manifest
+
+
+def run(config: SearchConfig, *, address: str | None = None, runs_dir: Path = Path("runs")) -> int:
+    """Start a new search; returns the process exit code (non-zero when a trial failed for good)."""
+    manifest = _check_inputs(config)
+    _connect(address)
+    settings = _settings(config, manifest, float("nan"))
+    dense = _dense_metric(config, settings)
+    settings = replace(settings, dense_metric=dense)
+    search_id = f"{config.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    client_uri = tracking_uri(runs_dir)
+    client = MlflowClient(client_uri)
+    mlflow_experiment = experiment_id(client, config.experiment, runs_dir)
+    parent = parent_run(
+        client,
+        mlflow_experiment,
+        search_id,
+        {"config": config.source, "baseline": config.baseline, "data": config.data, f"dense_{settings.metric_name}": dense,
+         "target_sparsity": config.target_sparsity, "schedule": config.schedule, "trials": config.trials,
+         "multi_objective": config.multi_objective},
+    )
+    storage = Path(config.storage).resolve()
+    state = SearchState(
+        config_path=config.source,
+        search_id=search_id,
+        experiment_dir=str(storage / search_id),
+        tracking_uri=client_uri,
+        mlflow_experiment=mlflow_experiment,
+        parent_run=parent,
+        metric=settings.metric_name,
+        settings={"dense": dense},
+    )
+    _save_state(runs_dir, config.experiment, state)
+    tuner = tune.Tuner(
+        _trainable(config, settings),
+        tune_config=tune.TuneConfig(
+            search_alg=_searcher(config, search_id, settings.metric_name),
+            scheduler=_scheduler(config),
+            num_samples=config.trials,
+            time_budget_s=config.time_budget_s,
+        ),
+        run_config=tune.RunConfig(
+            name=search_id,
+            storage_path=str(storage),
+            failure_config=tune.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
+            callbacks=[MlflowTracker(client_uri, mlflow_experiment, parent, search_id)],
+            verbose=1,
+        ),
+    )
+    return _finish(tuner.fit(), config, state, runs_dir)
+
+
+def resume(experiment: str, *, address: str | None = None, runs_dir: Path = Path("runs")) -> int:
+    """Continue a stopped search where it stopped: finished trials are kept, unfinished ones resume."""
+    state = _load_state(runs_dir, experiment)
+    config = load_config(state.config_path)
+    manifest = _check_inputs(config)
+    _connect(address)
+    settings = _settings(config, manifest, state.settings["dense"])
+    if not tune.Tuner.can_restore(state.experiment_dir):
+        raise ValueError(f"{state.experiment_dir}: no Ray Tune experiment to resume there")
+    tuner = tune.Tuner.restore(
+        state.experiment_dir, trainable=_trainable(config, settings), resume_unfinished=True, resume_errored=True
+    )
+    return _finish(tuner.fit(), config, state, runs_dir)
+
+
+def _finish(results, config: SearchConfig, state: SearchState, runs_dir: Path) -> int:
+    client = MlflowClient(state.tracking_uri)
+    failed = [result for result in results if result.error is not None]
+    out = runs_dir / config.experiment / "report"
+    report = build_report(
+        collect_points(client, state.mlflow_experiment, state.parent_run, state.metric),
+        state.metric,
+        out,
+        f"{config.experiment}: {state.metric} vs attention sparsity",
+    )
+    log_report(client, state.parent_run, report)
+    status = RunStatus.FAILED if failed else RunStatus.FINISHED
+    client.set_terminated(state.parent_run, RunStatus.to_string(status))
+    print()
+    print_front(report, state.metric)
+    stopped = int(report.points.groupby("trial")["asha_stopped"].first().sum())
+    print(
+        f"\n{len(results)} trials: {len(results) - len(failed)} finished ({stopped} stopped early by ASHA), "
+        f"{len(failed)} failed"
+    )
+    for result in failed:
+        trial = Path(result.path).name if result.path else "?"
+        message = str(result.error).strip().splitlines()[-1] if str(result.error).strip() else repr(result.error)
+        print(f"  FAILED {trial}: {message}", file=sys.stderr)
+    print(f"report:    {report.files['html'].resolve()}")
+    print(f"front:     {report.files['table'].resolve()}")
+    print(f"MLflow:    {state.tracking_uri} (experiment {config.experiment}); browse with `prune-search ui`")
+    print(f"Ray Tune:  {state.experiment_dir}")
+    return 1 if failed else 0
+
+
+def report(experiment: str, *, out: Path | None = None, runs_dir: Path = Path("runs")) -> int:
+    """Rebuild the Pareto report of a search from MLflow, print the front and write the files."""
+    state = _load_state(runs_dir, experiment)
+    client = MlflowClient(state.tracking_uri)
+    points = collect_points(client, state.mlflow_experiment, state.parent_run, state.metric)
+    result = build_report(points, state.metric, out or runs_dir / experiment / "report", f"{experiment}: Pareto front")
+    log_report(client, state.parent_run, result)
+    print_front(result, state.metric)
+    print(f"report: {result.files['html'].resolve()}")
+    return 0
+
+
+def _save_state(runs_dir: Path, experiment: str, state: SearchState) -> None:
+    path = runs_dir / experiment / STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(state), indent=2))
+
+
+def _load_state(runs_dir: Path, experiment: str) -> SearchState:
+    path = runs_dir / experiment / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no search named {experiment!r} was started from this folder")
+    return SearchState(**json.loads(path.read_text()))

@@ -1,0 +1,271 @@
+"""The search configuration: YAML parsed once into frozen dataclasses, validated before Ray starts.
+
+A search-space entry is a list (a choice), a constant, or one of `{uniform: [lo, hi]}`,
+`{loguniform: [lo, hi]}`, `{int: [lo, hi]}`. Every error names the file and the key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prune_core import GRANULARITIES, SCORERS, THRESHOLDS
+from prune_core.session import SCHEDULES
+
+SPACE_KEYS = ("granularity", "scorer", "threshold", "step_ratio", "lora_rank", "lora_alpha", "lr", "epochs")
+DISTRIBUTIONS = ("uniform", "loguniform", "int")
+# The paper's strategies, to warm-start Optuna (`points_to_evaluate: paper`).
+PAPER_POINTS = (
+    {"granularity": "per_head", "scorer": "fisher", "threshold": "global"},
+    {"granularity": "entire_head", "scorer": "fisher", "threshold": "global"},
+    {"granularity": "entire_head", "scorer": "fisher", "threshold": "local"},
+    {"granularity": "per_head", "scorer": "magnitude", "threshold": "global"},
+)
+
+
+# The authors' recovery settings, used to complete a warm-start point where the space allows them.
+PAPER_SETTINGS = {"step_ratio": 0.1, "lora_rank": 16, "lora_alpha": 16, "lr": 1e-4, "epochs": 1}
+
+
+class ConfigError(ValueError):
+    """A search configuration that cannot run; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One search dimension: `choices`, or a distribution over [low, high]."""
+
+    name: str
+    choices: tuple[Any, ...] | None = None
+    distribution: str | None = None
+    low: float | None = None
+    high: float | None = None
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+
+@dataclass(frozen=True)
+class AshaConfig:
+    grace_period: int = 10  # attention sparsity in percent before a trial can be stopped
+    reduction_factor: int = 2
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    spec_augment: bool = False
+    freq_mask: int = 48
+    time_mask: int = 48
+    mixup: float = 0.0
+    balanced: bool = False
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """A whole search: data, baseline, budget, the space, the scheduler and where results go."""
+
+    experiment: str
+    data: str
+    baseline: str
+    space: tuple[Param, ...]
+    target_sparsity: float = 0.5
+    schedule: str = "linear"
+    trials: int = 12
+    time_budget_s: float | None = None
+    max_concurrent: int = 2
+    seed: int = 0
+    multi_objective: bool = False
+    points_to_evaluate: tuple[dict, ...] = ()
+    eval_split: str = "validation"
+    calib_batches: int = 4
+    train_batches_per_step: int | None = None
+    latency_repeats: int = 20
+    lora_targets: str = "all_linear"
+    max_failures: int = 2
+    checkpoints_to_keep: int | None = None
+    storage: str = "runs/ray"
+    resources: Resources = field(default_factory=Resources)
+    asha: AshaConfig = field(default_factory=AshaConfig)
+    loader: LoaderSettings = field(default_factory=LoaderSettings)
+    source: str = "<config>"
+
+
+def _fail(source: str, key: str, message: str) -> ConfigError:
+    return ConfigError(f"{source}: {key}: {message}")
+
+
+def _param(source: str, name: str, raw: Any) -> Param:
+    if isinstance(raw, list):
+        if not raw:
+            raise _fail(source, f"space.{name}", "an empty list; give at least one value")
+        return Param(name, choices=tuple(raw))
+    if isinstance(raw, dict):
+        if len(raw) != 1 or next(iter(raw)) not in DISTRIBUTIONS:
+            raise _fail(source, f"space.{name}", f"a distribution must be one of {DISTRIBUTIONS}: {{uniform: [lo, hi]}}")
+        kind, bounds = next(iter(raw.items()))
+        if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)):
+            raise _fail(source, f"space.{name}.{kind}", f"expected [low, high], got {bounds!r}")
+        low, high = bounds
+        if not low < high or (kind == "loguniform" and low <= 0):
+            raise _fail(source, f"space.{name}.{kind}", f"needs 0 < low < high for loguniform, low < high otherwise; got {bounds}")
+        return Param(name, distribution=kind, low=low, high=high)
+    return Param(name, choices=(raw,))
+
+
+_CHECKS = {
+    "granularity": lambda v: v in GRANULARITIES,
+    "scorer": lambda v: v in SCORERS,
+    "threshold": lambda v: v in THRESHOLDS,
+    "step_ratio": lambda v: isinstance(v, (int, float)) and 0 < v < 1,
+    "lora_rank": lambda v: isinstance(v, (int, float)) and v >= 1 and float(v).is_integer(),
+    "lora_alpha": lambda v: isinstance(v, (int, float)) and v > 0,
+    "lr": lambda v: isinstance(v, (int, float)) and 0 < v < 1,
+    "epochs": lambda v: isinstance(v, (int, float)) and v >= 0 and float(v).is_integer(),
+}
+_EXPECTED = {
+    "granularity": f"one of {sorted(GRANULARITIES)}",
+    "scorer": f"one of {sorted(SCORERS)}",
+    "threshold": f"one of {sorted(THRESHOLDS)}",
+    "step_ratio": "a fraction in (0, 1)",
+    "lora_rank": "an integer >= 1",
+    "lora_alpha": "a number > 0",
+    "lr": "a learning rate in (0, 1)",
+    "epochs": "an integer >= 0",
+}
+
+
+def _section(source: str, name: str, cls, raw: Any):
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise _fail(source, name, f"expected a mapping, got {type(raw).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise _fail(source, f"{name}.{unknown[0]}", f"unknown key; known keys: {sorted(known)}")
+    return cls(**raw)
+
+
+def parse_config(raw: dict, source: str = "<config>") -> SearchConfig:
+    """Validate a YAML document already loaded into a dict."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    known = {f.name for f in fields(SearchConfig)} - {"source"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise _fail(source, unknown[0], f"unknown key; known keys: {sorted(known)}")
+    for key in ("experiment", "data", "baseline", "space"):
+        if key not in raw:
+            raise _fail(source, key, "missing (required)")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(raw["experiment"])):
+        raise _fail(source, "experiment", "use letters, digits, '.', '_' or '-' (it names folders and runs)")
+    space_raw = raw["space"]
+    if not isinstance(space_raw, dict):
+        raise _fail(source, "space", "expected a mapping of search dimensions")
+    unknown = sorted(set(space_raw) - set(SPACE_KEYS))
+    if unknown:
+        raise _fail(source, f"space.{unknown[0]}", f"unknown dimension; known: {list(SPACE_KEYS)}")
+    missing = [key for key in SPACE_KEYS if key not in space_raw]
+    if missing:
+        raise _fail(source, f"space.{missing[0]}", "missing; give a value or a list of values")
+    space = tuple(_param(source, name, space_raw[name]) for name in SPACE_KEYS)
+    for param in space:
+        for value in param.choices or (param.low, param.high):
+            if not _CHECKS[param.name](value):
+                raise _fail(source, f"space.{param.name}", f"{value!r} is not {_EXPECTED[param.name]}")
+        if param.distribution and param.name in ("granularity", "scorer", "threshold"):
+            raise _fail(source, f"space.{param.name}", "must be a list of names, not a distribution")
+    values = {k: v for k, v in raw.items() if k not in ("space", "resources", "asha", "loader", "points_to_evaluate")}
+    points = raw.get("points_to_evaluate", ())
+    if points == "paper":
+        points = PAPER_POINTS
+    elif not isinstance(points, (list, tuple)) or not all(isinstance(p, dict) for p in points):
+        raise _fail(source, "points_to_evaluate", "expected 'paper' or a list of mappings")
+    config = SearchConfig(
+        **values,
+        space=space,
+        points_to_evaluate=tuple(_complete(point, space) for point in points),
+        resources=_section(source, "resources", Resources, raw.get("resources")),
+        asha=_section(source, "asha", AshaConfig, raw.get("asha")),
+        loader=_section(source, "loader", LoaderSettings, raw.get("loader")),
+        source=source,
+    )
+    _validate(config)
+    return config
+
+
+def _complete(point: dict, space: tuple[Param, ...]) -> dict:
+    """A warm-start point with every dimension: the authors' setting where allowed, else a central value."""
+    full = dict(point)
+    for param in space:
+        if param.name in full:
+            continue
+        paper = PAPER_SETTINGS.get(param.name)
+        if param.choices is not None:
+            full[param.name] = paper if paper in param.choices else param.choices[0]
+        elif paper is not None and param.low <= paper <= param.high:
+            full[param.name] = paper
+        elif param.distribution == "loguniform":
+            full[param.name] = math.sqrt(param.low * param.high)
+        else:
+            full[param.name] = (param.low + param.high) / 2 if param.distribution == "uniform" else int((param.low + param.high) // 2)
+    return full
+
+
+def _validate(config: SearchConfig) -> None:
+    source = config.source
+    if not 0 < config.target_sparsity < 1:
+        raise _fail(source, "target_sparsity", f"a fraction in (0, 1), got {config.target_sparsity}")
+    if config.schedule not in SCHEDULES:
+        raise _fail(source, "schedule", f"one of {sorted(SCHEDULES)}, got {config.schedule!r}")
+    for key in ("trials", "max_concurrent", "calib_batches", "latency_repeats"):
+        if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
+            raise _fail(source, key, f"an integer >= 1, got {getattr(config, key)!r}")
+    if config.time_budget_s is not None and config.time_budget_s <= 0:
+        raise _fail(source, "time_budget_s", "seconds > 0, or leave it out")
+    if config.eval_split not in ("train", "validation", "test"):
+        raise _fail(source, "eval_split", f"one of train, validation, test; got {config.eval_split!r}")
+    if config.resources.cpu <= 0 or config.resources.gpu < 0:
+        raise _fail(source, "resources", "cpu > 0 and gpu >= 0 (fractions allowed, e.g. gpu: 0.5)")
+    if config.asha.grace_period < 1 or config.asha.reduction_factor < 2:
+        raise _fail(source, "asha", "grace_period >= 1 (percent sparsity) and reduction_factor >= 2")
+    if config.asha.grace_period >= round(100 * config.target_sparsity):
+        raise _fail(source, "asha.grace_period", "must be below the target sparsity in percent, or ASHA never stops a trial")
+    choices = {p.name: p for p in config.space}
+    for index, point in enumerate(config.points_to_evaluate):
+        for key, value in point.items():
+            if key not in choices:
+                raise _fail(source, f"points_to_evaluate[{index}].{key}", f"not a search dimension; known: {list(SPACE_KEYS)}")
+            param = choices[key]
+            if param.choices is not None and value not in param.choices:
+                raise _fail(source, f"points_to_evaluate[{index}].{key}", f"{value!r} is not among the choices {list(param.choices)}")
+
+
+def steps_to_target(ratio: float, target: float, schedule: str) -> int:
+    """Prune steps a trial needs to reach `target` (its last step is capped at the target)."""
+    if schedule == "linear":
+        return math.ceil(target / ratio - 1e-9)
+    return math.ceil(math.log(1 - target) / math.log(1 - ratio) - 1e-9)
+
+
+def load_config(path: str | Path, **overrides: Any) -> SearchConfig:
+    """Read and validate a YAML search config; `overrides` (e.g. trials) replace top-level keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    raw = {**(raw or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    return parse_config(raw, source=str(path))

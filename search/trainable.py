@@ -1,0 +1,132 @@
+"""The Ray Tune trainable: one trial = one pruning strategy, reported and checkpointed after each prune step.
+
+A trial loads the dense baseline (or its last step checkpoint after a failure), then iterates
+prune_core's `PruningSession`. Each step's metrics go to `tune.report` with a safetensors checkpoint,
+so ASHA can stop the trial there and Tune can resume it there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from ray import tune
+
+from data_prep.loader import LoaderConfig, make_loader, soft_target_loss
+from prune_core import load_model
+from prune_core.accounting import latency_ms, layer_sparsity
+from prune_core.finetune import LoraSettings
+from prune_core.metrics import evaluate
+from prune_core.session import PruningSession, SessionConfig, Strategy
+from search.pareto import normalized_area
+from search.space import steps_to_target
+
+CURVE_FILE = "curve.json"
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What every trial of a search shares (the searched values come in the trial's config)."""
+
+    baseline: str
+    data: str
+    task: str
+    metric_name: str
+    dense_metric: float
+    target_sparsity: float
+    schedule: str
+    eval_split: str
+    calib_batches: int
+    train_batches_per_step: int | None
+    latency_repeats: int
+    lora_targets: str
+    loader: LoaderConfig
+    use_gpu: bool
+    seed: int
+
+
+class FirstBatches:
+    """The first `count` batches of a loader, re-drawn (reshuffled) at every pass; sized for LR schedules."""
+
+    def __init__(self, loader: Iterable, count: int | None) -> None:
+        self.loader, self.count = loader, count
+
+    def __len__(self) -> int:
+        return len(self.loader) if self.count is None else min(self.count, len(self.loader))
+
+    def __iter__(self) -> Iterator:
+        return itertools.islice(iter(self.loader), len(self))
+
+
+def session_config(config: dict, settings: TrialSettings) -> SessionConfig:
+    """The prune_core session a trial's sampled values describe."""
+    ratio = float(config["step_ratio"])
+    return SessionConfig(
+        strategy=Strategy(config["granularity"], config["scorer"], config["threshold"]),
+        step_ratio=ratio,
+        steps=steps_to_target(ratio, settings.target_sparsity, settings.schedule),
+        schedule=settings.schedule,
+        lora=LoraSettings(
+            rank=int(config["lora_rank"]),
+            alpha=float(config["lora_alpha"]),
+            lr=float(config["lr"]),
+            epochs=int(config["epochs"]),
+            target_modules=settings.lora_targets,
+        ),
+        task=settings.task,
+        calib_batches=settings.calib_batches,
+        final_sparsity=settings.target_sparsity,
+    )
+
+
+def run_trial(config: dict, settings: TrialSettings) -> None:
+    """Ray Tune function trainable (bound with `tune.with_parameters(run_trial, settings=...)`)."""
+    torch.manual_seed(settings.seed)
+    device = torch.device("cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu")
+    train = FirstBatches(make_loader(settings.data, "train", settings.loader, train=True), settings.train_batches_per_step)
+    sources = {
+        "train": train,
+        "evaluation": make_loader(settings.data, settings.eval_split, settings.loader, train=False),
+        "loss_fn": soft_target_loss,
+    }
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            session = PruningSession.resume(directory, **sources)
+            curve = [tuple(point) for point in json.loads((Path(directory) / CURVE_FILE).read_text())]
+        session.model.to(device)
+    else:
+        model = load_model(settings.baseline).to(device)
+        session = PruningSession(model, session_config(config, settings), **sources)
+        curve = [(0.0, settings.dense_metric)]
+    for result in session:
+        curve.append((result.attention_sparsity, result.metric))
+        final = session.step == session.config.steps
+        metrics = {
+            settings.metric_name: result.metric,
+            "loss": result.loss,
+            "attention_sparsity": result.attention_sparsity,
+            "sparsity_pct": round(100 * result.attention_sparsity),
+            "params": result.params,
+            "attention_params": result.attention_params,
+            "macs": result.macs,
+            "latency_ms": latency_ms(session.model, repeats=settings.latency_repeats),
+            "step": result.step,
+            "seconds": result.seconds,
+            "area": normalized_area(curve, settings.target_sparsity),
+            "final": final,
+            "layers": json.dumps(result.layers),
+            "layer_sparsity": json.dumps(layer_sparsity(session.model)),
+        }
+        if final:
+            test = make_loader(settings.data, "test", settings.loader, train=False)
+            metrics[f"test_{settings.metric_name}"] = evaluate(session.model, test, settings.task)[settings.metric_name]
+        with tempfile.TemporaryDirectory() as directory:
+            session.save(directory)
+            (Path(directory) / CURVE_FILE).write_text(json.dumps(curve))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
