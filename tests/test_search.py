@@ -1,0 +1,182 @@
+"""The search end to end on local Ray with a tiny model: MLflow nesting, ASHA, the Pareto table, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from data_prep.features import FeatureParams
+from data_prep.shards import PrepareConfig, prepare
+from prune_core import build_ast
+from search.pareto import dominates
+from search.runner import run
+from search.space import ConfigError, load_config
+from search.tracking import STOPPED_TAG, TRIAL_TAG
+from tests.test_prepare import write_wav
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A prepared 3-word set and a tiny AST baseline saved with save_pretrained."""
+    base = tmp_path_factory.mktemp("search")
+    audio = base / "audio"
+    for w, word in enumerate(["yes", "no", "up"]):
+        for s in range(8):
+            write_wav(audio / word / f"{s:08x}_nohash_0.wav", seed=100 * w + s)
+    (audio / "validation_list.txt").write_text("".join(f"{w}/00000006_nohash_0.wav\n" for w in ["yes", "no", "up"]))
+    (audio / "testing_list.txt").write_text("".join(f"{w}/00000007_nohash_0.wav\n" for w in ["yes", "no", "up"]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    manifest = prepare(
+        PrepareConfig(source="speechcommands", input=audio, out=base / "data", features=FeatureParams(num_mel_bins=32, max_length=40))
+    )
+    build_ast(
+        num_labels=3, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_mel_bins=32, max_length=40,
+        labels=manifest["labels"],
+    ).save_pretrained(base / "baseline")
+    yield base
+    ray.shutdown()
+
+
+def search_config(base: Path, name: str, space: dict | None = None, **overrides) -> Path:
+    config = {
+        "experiment": name,
+        "data": str(base / "data"),
+        "baseline": str(base / "baseline"),
+        "target_sparsity": 0.4,
+        "schedule": "linear",
+        "trials": 6,
+        "max_concurrent": 1,
+        "seed": 0,
+        "points_to_evaluate": "paper",
+        "calib_batches": 1,
+        "train_batches_per_step": 1,
+        "latency_repeats": 2,
+        "storage": str(base / "runs" / "ray"),
+        "asha": {"grace_period": 20, "reduction_factor": 2},
+        "loader": {"batch_size": 8, "eval_batch_size": 16},
+        "space": {
+            "granularity": ["entire_head", "per_head", "same_channel"],
+            "scorer": ["magnitude", "fisher", "random"],
+            "threshold": ["global", "local"],
+            "step_ratio": 0.2,
+            "lora_rank": [2, 4],
+            "lora_alpha": 8,
+            "lr": {"loguniform": [1.0e-4, 1.0e-2]},
+            "epochs": 1,
+            **(space or {}),
+        },
+        **overrides,
+    }
+    path = base / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def child_runs(runs: Path, experiment: str):
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    found = client.get_experiment_by_name(experiment)
+    runs_ = client.search_runs([found.experiment_id])
+    parents = [r for r in runs_ if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs_ if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_search_end_to_end(workspace, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = workspace / "runs"
+    code = run(load_config(search_config(workspace, "e2e")), runs_dir=runs)
+    assert code == 0
+    client, parents, children = child_runs(runs, "e2e")
+    assert len(parents) == 1 and len(children) == 6
+    assert all(child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for child in children)
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "accuracy")]
+        assert steps == sorted(set(steps)) and steps[0] == 1, "one point per prune step, no step doubled"
+        assert {"granularity", "scorer", "threshold", "strategy"} <= set(child.data.tags)
+        for key in ("attention_sparsity", "params", "macs", "latency_ms"):
+            assert client.get_metric_history(child.info.run_id, key), key
+    stopped = [c for c in children if c.data.tags.get(STOPPED_TAG) == "true"]
+    assert stopped, "ASHA should stop at least one of 6 trials"
+    assert all(len(client.get_metric_history(c.info.run_id, "accuracy")) == 1 for c in stopped)
+    front = pd.read_parquet(runs / "e2e" / "report" / "pareto.parquet")
+    pairs = list(zip(front["attention_sparsity"], front["accuracy"]))
+    assert not any(dominates(a, b) for a in pairs for b in pairs)
+    everything = [
+        (s.value, a.value)
+        for c in children
+        for s, a in zip(client.get_metric_history(c.info.run_id, "attention_sparsity"), client.get_metric_history(c.info.run_id, "accuracy"))
+    ]
+    best = max(everything, key=lambda p: (p[1], p[0]))
+    assert any(abs(s - best[0]) < 1e-9 and abs(a - best[1]) < 1e-9 for s, a in pairs), "the most accurate point is on the front"
+    assert client.get_run(parents[0].info.run_id).data.metrics["pareto_hypervolume"] > 0
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "pareto")}
+    assert artifacts == {"pareto/pareto.parquet", "pareto/pareto.png", "pareto/report.html"}
+
+
+def test_bad_config_fails_before_ray_starts(workspace, tmp_path):
+    path = search_config(workspace, "bad", space={"granularity": ["entire_head", "rows"]})
+    with pytest.raises(ConfigError, match=r"space.granularity.*'rows'"):
+        load_config(path)
+    code = subprocess.run(
+        [sys.executable, "-m", "search.cli", "run", "--config", str(path), "--runs", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert code.returncode == 2 and "space.granularity" in code.stderr
+    assert "Started a local Ray instance" not in code.stderr + code.stdout
+
+
+def test_resume_after_a_killed_driver(workspace, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    config = search_config(workspace, "killed", trials=4, storage=str(tmp_path / "ray"), asha={"grace_period": 20, "reduction_factor": 4})
+    command = [sys.executable, "-m", "search.cli", "run", "--config", str(config), "--runs", str(tmp_path)]
+    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state_file = tmp_path / "killed" / "search.json"
+    deadline = time.time() + 240
+    finished = 0
+    while time.time() < deadline and finished < 1:
+        time.sleep(1)
+        if state_file.is_file() and (tmp_path / "mlflow.db").is_file():
+            try:
+                _, _, children = child_runs(tmp_path, "killed")
+                finished = sum(c.info.status == "FINISHED" for c in children)
+            except Exception:  # noqa: BLE001 - the store may be mid-write
+                pass
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert finished >= 1, "the driver should be killed after a trial finished and before the search did"
+    client, parents, before = child_runs(tmp_path, "killed")
+    finished_before = {
+        c.data.tags[TRIAL_TAG]: [(m.step, m.timestamp) for m in client.get_metric_history(c.info.run_id, "accuracy")]
+        for c in before
+        if c.info.status == "FINISHED"
+    }
+    resumed = subprocess.run(
+        [sys.executable, "-m", "search.cli", "resume", "--experiment", "killed", "--runs", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client, parents, after = child_runs(tmp_path, "killed")
+    assert len(parents) == 1 and len(after) == 4, "resume must not duplicate runs"
+    assert all(c.info.status == "FINISHED" for c in after)
+    for child in after:
+        history = [(m.step, m.timestamp) for m in client.get_metric_history(child.info.run_id, "accuracy")]
+        steps = [step for step, _ in history]
+        assert len(steps) == len(set(steps)), f"{child.data.tags[TRIAL_TAG]} logged a step twice: {steps}"
+        if child.data.tags[TRIAL_TAG] in finished_before:
+            assert history == finished_before[child.data.tags[TRIAL_TAG]], "a finished trial's steps were run again"
+    state = json.loads((tmp_path / "killed" / "search.json").read_text())
+    assert client.get_run(state["parent_run"]).info.status == "FINISHED"
