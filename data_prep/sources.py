@@ -49,17 +49,20 @@ class Listing:
     notes: tuple[str, ...] = field(default=())
 
 
-def _which_set(filename: str, validation_percent: float = 10.0, testing_percent: float = 10.0) -> str:
-    """The SpeechCommands README's own split rule (hash of the speaker part of the name), for sets without lists."""
-    speaker = re.sub(r"_nohash_.*$", "", Path(filename).name)
+def split_of(speaker_id: str, validation_percent: float = 10.0, testing_percent: float = 10.0) -> str:
+    """The SpeechCommands README's split rule on a speaker id: a hash, so splits are speaker-disjoint."""
     max_per_class = 2**27 - 1
-    digest = int(hashlib.sha1(speaker.encode()).hexdigest(), 16)
-    percent = (digest % (max_per_class + 1)) * (100.0 / max_per_class)
+    percent = (int(hashlib.sha1(speaker_id.encode()).hexdigest(), 16) % (max_per_class + 1)) * (100.0 / max_per_class)
     if percent < validation_percent:
         return "validation"
     if percent < validation_percent + testing_percent:
         return "test"
     return "train"
+
+
+def _which_set(filename: str) -> str:
+    """The split of a SpeechCommands file by the speaker part of its name, for sets without lists."""
+    return split_of(re.sub(r"_nohash_.*$", "", Path(filename).name))
 
 
 def _read_list(path: Path) -> set[str]:
@@ -205,7 +208,7 @@ def audioset(root: str | Path) -> Listing:
             if ytid not in audio:
                 quarantined.append({"path": where, "reason": "missing_audio", "detail": f"no audio/{ytid}.wav or .flac"})
                 continue
-            if split == "train" and _which_set(ytid, validation_percent=10.0, testing_percent=0.0) == "validation":
+            if split == "train" and split_of(ytid, validation_percent=10.0, testing_percent=0.0) == "validation":
                 split_here = "validation"
             else:
                 split_here = split

@@ -36,7 +36,11 @@ def _data_synth(args: argparse.Namespace) -> int:
 
     words = tuple(args.words.split(",")) if args.words else DEFAULT_WORDS
     summary = synthesize(args.out, SynthConfig(words=words, clips_per_word=args.clips_per_word, seed=args.seed), workers=args.workers)
-    print(f"synthesized {summary.clips} into {args.out} in {summary.seconds:.1f} s")
+    counts = ", ".join(f"{split} {count}" for split, count in summary.clips.items())
+    print(f"synthesized {sum(summary.clips.values())} clips ({counts}) into {args.out} in {summary.seconds:.1f} s")
+    empty = [split for split, count in summary.clips.items() if count == 0]
+    if empty:
+        print(f"warning: no clips in {', '.join(empty)} (splits follow speakers); use more clips per word", file=sys.stderr)
     return 0
 
 
