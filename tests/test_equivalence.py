@@ -58,3 +58,10 @@ def test_repeated_pruning_stays_equivalent():
     model, batches = tiny_ast(layers=3), ast_batches()
     for granularity in ("per_head", "entire_head", "same_channel"):
         assert_equivalent(model, batches, granularity=granularity, scorer="fisher", threshold="global", amount=0.3)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_both_attention_kernels(implementation):
+    model = tiny_ast()
+    model.config._attn_implementation = implementation
+    assert_equivalent(model, ast_batches(), granularity="per_head", scorer="fisher", threshold="global", amount=0.4)

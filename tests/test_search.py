@@ -124,6 +124,10 @@ def test_search_end_to_end(workspace, monkeypatch):
     assert client.get_run(parents[0].info.run_id).data.metrics["pareto_hypervolume"] > 0
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "pareto")}
     assert artifacts == {"pareto/pareto.parquet", "pareto/pareto.png", "pareto/report.html"}
+    for _, row in front.iterrows():  # the front's pruned models, loadable without pickles
+        folder = f"pruned-model-step-{row['step']}"
+        files = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(row["run_id"], folder)}
+        assert {"model.safetensors", "pruning.json", "config.json"} <= files
 
 
 def test_bad_config_fails_before_ray_starts(workspace, tmp_path):
@@ -180,3 +184,37 @@ def test_resume_after_a_killed_driver(workspace, tmp_path):
             assert history == finished_before[child.data.tags[TRIAL_TAG]], "a finished trial's steps were run again"
     state = json.loads((tmp_path / "killed" / "search.json").read_text())
     assert client.get_run(state["parent_run"]).info.status == "FINISHED"
+
+
+def test_failed_trials_are_named_and_fail_the_run(workspace, capsys):
+    """Trials that cannot prune (one head per layer, entire_head only) fail for good: run says so, exits 1."""
+    build_ast(num_labels=3, hidden_size=32, num_layers=2, num_heads=1, intermediate_size=64, num_mel_bins=32, max_length=40).save_pretrained(
+        workspace / "one-head"
+    )
+    path = search_config(
+        workspace, "failing", trials=2, max_failures=0, points_to_evaluate=[], baseline=str(workspace / "one-head"),
+        space={"granularity": ["entire_head"]},
+    )
+    code = run(load_config(path), runs_dir=workspace / "runs")
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "2 failed" in captured.out
+    assert captured.err.count("FAILED") == 2 and "nothing left to prune" in captured.err
+
+
+def test_multi_objective_study_and_stopped_trials():
+    """Optuna gets (accuracy, sparsity); a trial without a final result is told as PRUNED, not COMPLETE."""
+    import optuna
+
+    from search.runner import _searcher
+
+    config = load_config(search_config(Path(__import__("tempfile").mkdtemp()), "mo", multi_objective=True, points_to_evaluate=[]))
+    limiter = _searcher(config, "mo-test", "accuracy")
+    searcher = limiter.searcher
+    assert searcher.metric == ["accuracy", "attention_sparsity"] and searcher.mode == ["max", "max"]
+    assert searcher.suggest("stopped") and searcher.suggest("finished")
+    searcher.on_trial_complete("stopped", {"accuracy": 0.9, "attention_sparsity": 0.2, "final": False})
+    searcher.on_trial_complete("finished", {"accuracy": 0.8, "attention_sparsity": 0.4, "final": True})
+    states = [trial.state for trial in searcher._ot_study.trials]
+    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
+    assert searcher._ot_study.trials[1].values == [0.8, 0.4]
