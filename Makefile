@@ -10,8 +10,6 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test bench clean
 
-install: $(STAMP)
-
 $(VENV)/.pins-installed: requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +17,16 @@ $(VENV)/.pins-installed: requirements.txt
 	$(BIN)/pip install --quiet -r requirements.txt
 	touch $@
 
-# The project itself is installed editable per clone (seconds, no downloads).
+# The project itself is installed editable (seconds). The venv is shared by clones with the same
+# pins, so the install is redone whenever it points at another clone.
 $(STAMP): $(VENV)/.pins-installed pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
-	ln -sfn $(VENV) .venv
 	mkdir -p .make && touch $@
+
+install: $(STAMP)
+	@cd / && $(BIN)/python -c "import prune_core, sys; sys.exit(not prune_core.__file__.startswith('$(CURDIR)/'))" \
+		|| $(BIN)/pip install --quiet --no-deps -e $(CURDIR)
+	@ln -sfn $(VENV) $(CURDIR)/.venv
 
 demo: install
 	$(BIN)/python -m search.cli demo
