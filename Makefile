@@ -10,7 +10,9 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test bench clean
 
-$(VENV)/.pins-installed: requirements.txt
+# No prerequisite on purpose: the venv path already holds the pins' hash, and a fresh clone's
+# requirements.txt is always newer than the venv it can reuse.
+$(VENV)/.pins-installed:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
