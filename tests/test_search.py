@@ -218,3 +218,43 @@ def test_multi_objective_study_and_stopped_trials():
     states = [trial.state for trial in searcher._ot_study.trials]
     assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
     assert searcher._ot_study.trials[1].values == [0.8, 0.4]
+
+
+def test_a_failed_trial_resumes_from_its_last_step(workspace, tmp_path, monkeypatch):
+    """A trial that crashes after its first step is retried from that step's checkpoint, not from scratch."""
+    import search.runner
+    from search.trainable import run_trial
+
+    marker = tmp_path / "crashed-once"
+
+    def flaky(config, settings):
+        import ray.tune
+        import search.trainable as trainable
+
+        real_report = ray.tune.report
+
+        def report_then_crash(metrics, checkpoint=None):
+            real_report(metrics, checkpoint=checkpoint)
+            if not marker.exists():
+                marker.write_text(str(metrics["step"]))
+                raise RuntimeError("injected crash after a step")
+
+        trainable.tune.report = report_then_crash
+        try:
+            run_trial(config, settings)
+        finally:
+            trainable.tune.report = real_report
+
+    monkeypatch.setattr(search.runner, "run_trial", flaky)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = tmp_path / "runs"
+    path = search_config(workspace, "flaky", trials=1, points_to_evaluate=[], max_failures=1, storage=str(tmp_path / "ray"))
+    assert run(load_config(path), runs_dir=runs) == 0
+    assert marker.read_text() == "1"
+    client, _, children = child_runs(runs, "flaky")
+    (child,) = children
+    steps = [m.step for m in client.get_metric_history(child.info.run_id, "accuracy")]
+    assert steps == [1, 2], "step 1 kept from before the crash, step 2 after the retry, none doubled"
+    (results,) = list((tmp_path / "ray").glob("*/*/result.json"))
+    reported = [json.loads(line)["step"] for line in results.read_text().splitlines()]
+    assert reported == [1, 2], f"the retry must start from the step-1 checkpoint, not from scratch: {reported}"
