@@ -1,0 +1,22 @@
+"""cluster.yaml passes the Ray autoscaler's own schema, so a typo fails the suite, and keeps secrets out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
+
+
+def test_cluster_yaml_is_valid_for_the_ray_launcher():
+    config = yaml.safe_load(CLUSTER.read_text())
+    validate_config(prepare_config(config))
+    assert config["head_node_type"] in config["available_node_types"]
+
+
+def test_cluster_yaml_holds_no_credentials_and_binds_the_dashboard_locally():
+    text = CLUSTER.read_text().lower()
+    assert "aws_secret_access_key" not in text and "password" not in text
+    assert "--dashboard-host=127.0.0.1" in text
