@@ -202,13 +202,13 @@ def test_failed_trials_are_named_and_fail_the_run(workspace, capsys):
     assert captured.err.count("FAILED") == 2 and "nothing left to prune" in captured.err
 
 
-def test_multi_objective_study_and_stopped_trials():
+def test_multi_objective_study_and_stopped_trials(tmp_path):
     """Optuna gets (accuracy, sparsity); a trial without a final result is told as PRUNED, not COMPLETE."""
     import optuna
 
     from search.runner import _searcher
 
-    config = load_config(search_config(Path(__import__("tempfile").mkdtemp()), "mo", multi_objective=True, points_to_evaluate=[]))
+    config = load_config(search_config(tmp_path, "mo", multi_objective=True, points_to_evaluate=[]))
     limiter = _searcher(config, "mo-test", "accuracy")
     searcher = limiter.searcher
     assert searcher.metric == ["accuracy", "attention_sparsity"] and searcher.mode == ["max", "max"]
