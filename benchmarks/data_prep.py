@@ -161,7 +161,7 @@ def start_ray(workers: int) -> dict:
     import ray
 
     marks = [time.perf_counter()]
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     marks.append(time.perf_counter())
     seen = ray.get([ray.remote(num_cpus=1)(_warm_worker).remote() for _ in range(workers)])
     marks.append(time.perf_counter())

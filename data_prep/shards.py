@@ -168,7 +168,7 @@ def _run_on_ray(pending: list[ShardSpec], config: PrepareConfig, task: str, on_d
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=False)
         else:
-            ray.init(num_cpus=config.workers, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=config.workers, include_dashboard=False, log_to_driver=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # our own bar counts files, Ray's would count shards
     specs = {spec.name: spec for spec in pending}
