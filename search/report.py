@@ -16,7 +16,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from search.pareto import hypervolume, pareto_front
-from search.tracking import SEARCH_TAG, STOPPED_TAG, TRIAL_TAG
+from search.tracking import SEARCH_TAG, STOPPED_TAG, STRATEGY_KEYS, TRIAL_TAG, Event
 
 # Hypervolume reference point: sparsity 0 (the dense model) and accuracy 0 (stated in the report).
 REFERENCE = (0.0, 0.0)
@@ -46,39 +46,69 @@ def find_parent(client: MlflowClient, experiment_name: str) -> tuple[str, str]:
 
 
 def collect_points(client: MlflowClient, experiment: str, parent: str, metric: str) -> pd.DataFrame:
-    """One row per (trial, step) with the trial's strategy and state."""
+    """One row per (trial, step) with the trial's strategy and state, from the search's child runs."""
     children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     rows = []
     for run in children:
-        history = {}
-        for key in (metric, "attention_sparsity", "latency_ms", "params", "macs"):
+        history: dict[int, dict] = {}
+        for key in (metric, *POINT_METRICS):
             for entry in client.get_metric_history(run.info.run_id, key):
                 history.setdefault(entry.step, {})[key] = entry.value
-        tags, params = run.data.tags, run.data.params
-        for step, values in sorted(history.items()):
-            if metric not in values or "attention_sparsity" not in values:
-                continue
-            rows.append(
-                {
-                    "trial": tags.get(TRIAL_TAG, run.info.run_name),
-                    "run_id": run.info.run_id,
-                    "strategy": tags.get("strategy", ""),
-                    "granularity": tags.get("granularity"),
-                    "scorer": tags.get("scorer"),
-                    "threshold": tags.get("threshold"),
-                    "step_ratio": float(params.get("step_ratio", "nan")),
-                    "lora_rank": params.get("lora_rank"),
-                    "step": step,
-                    metric: values[metric],
-                    "attention_sparsity": values["attention_sparsity"],
-                    "latency_ms": values.get("latency_ms"),
-                    "params": values.get("params"),
-                    "macs": values.get("macs"),
-                    "status": run.info.status,
-                    "asha_stopped": tags.get(STOPPED_TAG) == "true",
-                }
-            )
-    return pd.DataFrame(rows)
+        tags = run.data.tags
+        trial = {
+            "trial": tags.get(TRIAL_TAG, run.info.run_name),
+            "run_id": run.info.run_id,
+            "config": {**run.data.params, **{k: tags.get(k) for k in STRATEGY_KEYS}},
+            "status": run.info.status,
+            "asha_stopped": tags.get(STOPPED_TAG) == "true",
+        }
+        rows += [_row(trial, step, values, metric) for step, values in sorted(history.items())]
+    return _frame(rows)
+
+
+def tune_points(events: list[Event], metric: str) -> pd.DataFrame:
+    """The same rows from Tune's stored results (`tracking.tune_events`): the report when MLflow is down."""
+    trials: dict[str, dict] = {}
+    rows = []
+    for event in events:
+        trial = trials.setdefault(
+            event.trial_id,
+            {"trial": event.trial_id, "run_id": None, "config": event.config, "status": "RUNNING", "asha_stopped": False},
+        )
+        if event.kind == "result":
+            rows.append((trial, int(event.result["step"]), event.result))
+        elif event.kind == "finished":
+            trial.update(status="FINISHED", asha_stopped=not event.result.get("final", False))
+        elif event.kind == "failed":
+            trial["status"] = "FAILED"
+    return _frame([_row(trial, step, values, metric) for trial, step, values in rows])
+
+
+POINT_METRICS = ("attention_sparsity", "latency_ms", "params", "macs")
+
+
+def _row(trial: dict, step: int, values: dict, metric: str) -> dict | None:
+    """A point of the report; None until both the metric and the sparsity of that step are known."""
+    if values.get(metric) is None or values.get("attention_sparsity") is None:
+        return None
+    config = trial["config"]
+    return {
+        "trial": trial["trial"],
+        "run_id": trial["run_id"],
+        "strategy": "/".join(str(config.get(k)) for k in STRATEGY_KEYS),
+        **{k: config.get(k) for k in STRATEGY_KEYS},
+        "step_ratio": float(config.get("step_ratio", "nan")),
+        "lora_rank": str(config.get("lora_rank")),
+        "step": step,
+        metric: float(values[metric]),
+        **{k: (None if values.get(k) is None else float(values[k])) for k in POINT_METRICS},
+        "status": trial["status"],
+        "asha_stopped": trial["asha_stopped"],
+    }
+
+
+def _frame(rows: list[dict | None]) -> pd.DataFrame:
+    return pd.DataFrame([row for row in rows if row is not None])
 
 
 def build_report(points: pd.DataFrame, metric: str, out: Path, title: str) -> Report:

@@ -21,15 +21,16 @@ import ray
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.tune import ExperimentAnalysis, ResultGrid
 from ray.tune.schedulers import AsyncHyperBandScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from data_prep.loader import LoaderConfig, read_manifest
 from prune_core.metrics import METRIC_NAME
-from search.report import build_report, collect_points, log_report, print_front
+from search.report import Report, build_report, collect_points, log_report, print_front, tune_points
 from search.space import SearchConfig, load_config
-from search.tracking import MlflowTracker, experiment_id, parent_run, tracking_uri
+from search.tracking import MlflowTracker, experiment_id, fail_fast, parent_run, tracking_uri, tune_events
 from search.trainable import TrialSettings, run_trial
 
 STATE_FILE = "search.json"
@@ -105,6 +106,7 @@ class SearchState:
     parent_run: str
     metric: str
     settings: dict
+    finished: bool = False  # the driver saw the search end (`report` may then end the parent run)
 
 
 def _connect(address: str | None) -> None:
@@ -114,13 +116,13 @@ def _connect(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never a stale `ray start` cluster
 
 
 def _dense_metric(config: SearchConfig, settings: TrialSettings) -> float:
     """The baseline's metric on the evaluation split, computed once on trial-like resources."""
 
-    @ray.remote(num_cpus=config.resources.cpu, num_gpus=config.resources.gpu)
+    @ray.remote(num_cpus=config.resources.cpu, num_gpus=config.resources.gpu, resources=dict(config.resources.custom))
     def evaluate_baseline() -> float:
         import torch
 
@@ -169,7 +171,7 @@ def _settings(config: SearchConfig, manifest: dict, dense: float) -> TrialSettin
 
 
 def _trainable(config: SearchConfig, settings: TrialSettings):
-    resources = {"cpu": config.resources.cpu, "gpu": config.resources.gpu}
+    resources = {"cpu": config.resources.cpu, "gpu": config.resources.gpu, **config.resources.custom}
     return tune.with_resources(tune.with_parameters(run_trial, settings=settings), resources)
 
 
@@ -187,17 +189,34 @@ def _check_inputs(config: SearchConfig) -> dict:
     return manifest
 
 
+def _storage(storage: str) -> str:
+    """Where Tune keeps results and checkpoints: a URI (s3://, gs://) as given, a folder made absolute."""
+    return storage if "://" in storage else str(Path(storage).resolve())
+
+
+def _mlflow_experiment(client: MlflowClient, name: str, runs_dir: Path) -> str:
+    """The experiment id, checked before Ray starts: a tracking server that is down is a clear error."""
+    fail_fast()
+    try:
+        return experiment_id(client, name, runs_dir)
+    except Exception as error:  # noqa: BLE001 - MLflow raises its own and requests' errors
+        raise ConnectionError(
+            f"MLflow tracking at {client.tracking_uri} is unreachable ({type(error).__name__}); start the server "
+            "or unset MLFLOW_TRACKING_URI to use the embedded store runs/mlflow.db"
+        ) from error
+
+
 def run(config: SearchConfig, *, address: str | None = None, runs_dir: Path = Path("runs")) -> int:
     """Start a new search; returns the process exit code (non-zero when a trial failed for good)."""
     manifest = _check_inputs(config)
+    client_uri = tracking_uri(runs_dir)
+    client = MlflowClient(client_uri)
+    mlflow_experiment = _mlflow_experiment(client, config.experiment, runs_dir)
     _connect(address)
     settings = _settings(config, manifest, float("nan"))
     dense = _dense_metric(config, settings)
     settings = replace(settings, dense_metric=dense)
     search_id = f"{config.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
-    client_uri = tracking_uri(runs_dir)
-    client = MlflowClient(client_uri)
-    mlflow_experiment = experiment_id(client, config.experiment, runs_dir)
     parent = parent_run(
         client,
         mlflow_experiment,
@@ -206,11 +225,11 @@ def run(config: SearchConfig, *, address: str | None = None, runs_dir: Path = Pa
          "target_sparsity": config.target_sparsity, "schedule": config.schedule, "trials": config.trials,
          "multi_objective": config.multi_objective},
     )
-    storage = Path(config.storage).resolve()
+    storage = _storage(config.storage)
     state = SearchState(
         config_path=config.source,
         search_id=search_id,
-        experiment_dir=str(storage / search_id),
+        experiment_dir=f"{storage}/{search_id}",
         tracking_uri=client_uri,
         mlflow_experiment=mlflow_experiment,
         parent_run=parent,
@@ -228,7 +247,7 @@ def run(config: SearchConfig, *, address: str | None = None, runs_dir: Path = Pa
         ),
         run_config=tune.RunConfig(
             name=search_id,
-            storage_path=str(storage),
+            storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
             callbacks=[MlflowTracker(client_uri, mlflow_experiment, parent, search_id)],
@@ -243,6 +262,7 @@ def resume(experiment: str, *, address: str | None = None, runs_dir: Path = Path
     state = _load_state(runs_dir, experiment)
     config = load_config(state.config_path)
     manifest = _check_inputs(config)
+    fail_fast()
     _connect(address)
     settings = _settings(config, manifest, state.settings["dense"])
     if not tune.Tuner.can_restore(state.experiment_dir):
@@ -255,21 +275,13 @@ def resume(experiment: str, *, address: str | None = None, runs_dir: Path = Path
 
 def _finish(results, config: SearchConfig, state: SearchState, runs_dir: Path) -> int:
     """Report what the search found, say which trials failed and why; non-zero exit if any failed for good."""
-    client = MlflowClient(state.tracking_uri)
     failed = [result for result in results if result.error is not None]
-    points = collect_points(client, state.mlflow_experiment, state.parent_run, state.metric)
     print()
-    if points.empty:
-        print("no trial reported a prune step: no Pareto report")
-    else:
-        out = runs_dir / config.experiment / "report"
-        report = build_report(points, state.metric, out, f"{config.experiment}: {state.metric} vs attention sparsity")
-        log_report(client, state.parent_run, report)
-        _log_front_models(client, results, report.front)
-        print_front(report, state.metric)
-    status = RunStatus.FAILED if failed else RunStatus.FINISHED
-    client.set_terminated(state.parent_run, RunStatus.to_string(status))
-    stopped = int(points.groupby("trial")["asha_stopped"].first().sum()) if not points.empty else 0
+    title = f"{config.experiment}: {state.metric} vs attention sparsity"
+    state = replace(state, finished=True)
+    _save_state(runs_dir, config.experiment, state)
+    found = _report(config.experiment, state, runs_dir / config.experiment / "report", title)
+    stopped = int(found.points.groupby("trial")["asha_stopped"].first().sum()) if found else 0
     print(
         f"\n{len(results)} trials: {len(results) - len(failed)} finished ({stopped} stopped early by ASHA), "
         f"{len(failed)} failed"
@@ -278,16 +290,59 @@ def _finish(results, config: SearchConfig, state: SearchState, runs_dir: Path) -
         trial = Path(result.path).name if result.path else "?"
         lines = str(result.error).strip().splitlines()
         print(f"  FAILED {trial}: {lines[-1] if lines else repr(result.error)}", file=sys.stderr)
-    if not points.empty:
-        print(f"report:    {report.files['html'].resolve()}")
-        print(f"front:     {report.files['table'].resolve()}")
+    if found:
+        print(f"report:    {found.files['html'].resolve()}")
+        print(f"front:     {found.files['table'].resolve()}")
     print(f"MLflow:    {state.tracking_uri} (experiment {config.experiment}); browse with `prune-search ui`")
     print(f"Ray Tune:  {state.experiment_dir}")
     return 1 if failed else 0
 
 
-def _log_front_models(client: MlflowClient, results, front) -> None:
-    """Attach the pruned model of every front point (its step checkpoint) to the trial's child run."""
+def _end_parent(state: SearchState, status: int) -> None:
+    try:
+        MlflowClient(state.tracking_uri).set_terminated(state.parent_run, RunStatus.to_string(status))
+    except Exception:  # noqa: BLE001 - MLflow down: `report` ends the parent run once it is back
+        pass
+
+
+def _report(experiment: str, state: SearchState, out: Path, title: str) -> Report | None:
+    """Send MLflow what it lacks of Tune's results, then report from MLflow, or from Tune while MLflow is down.
+
+    Tune's results on `storage` are the record of truth; None when no trial has reported a step yet.
+    """
+    analysis = ExperimentAnalysis(state.experiment_dir) if tune.Tuner.can_restore(state.experiment_dir) else None
+    events = tune_events(analysis) if analysis else []
+    tracker = MlflowTracker(state.tracking_uri, state.mlflow_experiment, state.parent_run, state.search_id)
+    tracker.pending.extend(events)
+    if tracker.flush(retries=2):
+        client = MlflowClient(state.tracking_uri)
+        points = collect_points(client, state.mlflow_experiment, state.parent_run, state.metric)
+    else:
+        client = None
+        points = tune_points(events, state.metric)
+        print(
+            f"warning: MLflow at {state.tracking_uri} is unreachable ({tracker.last_error}); {len(tracker.pending)} "
+            "updates are not there yet. This report is built from Ray Tune's results; run "
+            f"`prune-search report --experiment {experiment}` once MLflow is back to send them.",
+            file=sys.stderr,
+        )
+    if points.empty:
+        print("no trial reported a prune step: no Pareto report")
+        return None
+    found = build_report(points, state.metric, out, title)
+    if client is not None:
+        log_report(client, state.parent_run, found)
+        if analysis is not None:
+            _log_front_models(client, ResultGrid(analysis), found.front)
+        if state.finished:
+            failed = any(event.kind == "failed" for event in events)
+            _end_parent(state, RunStatus.FAILED if failed else RunStatus.FINISHED)
+    print_front(found, state.metric)
+    return found
+
+
+def _log_front_models(client: MlflowClient, results: ResultGrid, front) -> None:
+    """Attach the pruned model of every front point (its step checkpoint) to the trial's child run, once."""
     checkpoints = {}
     for result in results:
         trial = (result.metrics or {}).get("trial_id")
@@ -295,20 +350,20 @@ def _log_front_models(client: MlflowClient, results, front) -> None:
             checkpoints[trial, int(metrics["step"])] = checkpoint
     for _, row in front.iterrows():
         checkpoint = checkpoints.get((row["trial"], int(row["step"])))
-        if checkpoint is not None:
+        folder = f"pruned-model-step-{int(row['step'])}"
+        if checkpoint is not None and not client.list_artifacts(row["run_id"], folder):
             with checkpoint.as_directory() as directory:
-                client.log_artifacts(row["run_id"], directory, artifact_path=f"pruned-model-step-{int(row['step'])}")
+                client.log_artifacts(row["run_id"], directory, artifact_path=folder)
 
 
 def report(experiment: str, *, out: Path | None = None, runs_dir: Path = Path("runs")) -> int:
-    """Rebuild the Pareto report of a search from MLflow, print the front and write the files."""
+    """Rebuild the Pareto report of a search; first send MLflow anything it is missing of Tune's results."""
     state = _load_state(runs_dir, experiment)
-    client = MlflowClient(state.tracking_uri)
-    points = collect_points(client, state.mlflow_experiment, state.parent_run, state.metric)
-    result = build_report(points, state.metric, out or runs_dir / experiment / "report", f"{experiment}: Pareto front")
-    log_report(client, state.parent_run, result)
-    print_front(result, state.metric)
-    print(f"report: {result.files['html'].resolve()}")
+    fail_fast()
+    found = _report(experiment, state, out or runs_dir / experiment / "report", f"{experiment}: Pareto front")
+    if found is None:
+        return 1
+    print(f"report: {found.files['html'].resolve()}")
     return 0
 
 

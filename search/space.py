@@ -49,8 +49,11 @@ class Param:
 
 @dataclass(frozen=True)
 class Resources:
+    """What one trial holds: CPUs, (fractional) GPUs and custom Ray resources, e.g. {a10g: 1} to pin a node type."""
+
     cpu: float = 1.0
     gpu: float = 0.0
+    custom: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,12 @@ def _validate(config: SearchConfig) -> None:
         raise _fail(source, "eval_split", f"one of train, validation, test; got {config.eval_split!r}")
     if config.resources.cpu <= 0 or config.resources.gpu < 0:
         raise _fail(source, "resources", "cpu > 0 and gpu >= 0 (fractions allowed, e.g. gpu: 0.5)")
+    custom = config.resources.custom
+    if not isinstance(custom, dict) or not all(
+        isinstance(k, str) and k not in ("CPU", "GPU", "cpu", "gpu") and isinstance(v, (int, float)) and v > 0
+        for k, v in custom.items()
+    ):
+        raise _fail(source, "resources.custom", f"a mapping of Ray resource names to amounts > 0, e.g. {{a10g: 1}}; got {custom!r}")
     if config.asha.grace_period < 1 or config.asha.reduction_factor < 2:
         raise _fail(source, "asha", "grace_period >= 1 (percent sparsity) and reduction_factor >= 2")
     if config.asha.grace_period >= round(100 * config.target_sparsity):

@@ -1,9 +1,11 @@
 """MLflow tracking: one parent run per search, one nested child run per trial, metrics per prune step.
 
 The callback runs in the Tune driver, so trials need no MLflow access (a cluster's workers may not
-reach the tracking server). Calls that fail (the server is down) are queued and retried on the next
-event and at the end, so no metric is lost; steps already logged are never logged twice, also
-after a trial restarts from a checkpoint or the whole search is resumed.
+reach the tracking server). Every Tune event becomes an idempotent `Event` in a queue, sent in
+order; while the server cannot take them they stay queued, retried every few seconds and at the end,
+so the search never waits on MLflow. Steps already in MLflow are never logged twice, also after a
+trial restarts from a checkpoint or the search is resumed. Tune's own results (on `storage`) are the
+record of truth: `replay` sends whatever MLflow is missing from them (`prune-search report` does).
 """
 
 from __future__ import annotations
@@ -11,17 +13,21 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
 
 SEARCH_TAG = "prune_search.search_id"
 TRIAL_TAG = "prune_search.trial_id"
 STOPPED_TAG = "prune_search.asha_stopped"
+NODES_TAG = "prune_search.nodes"
+ERROR_TAG = "prune_search.error"
 STRATEGY_KEYS = ("granularity", "scorer", "threshold")
+LAYER_METRIC = "layer_sparsity/"  # + layer index: the fraction of that layer's attention parameters removed
 METRIC_KEYS = (
     "accuracy",
     "mAP",
@@ -36,11 +42,22 @@ METRIC_KEYS = (
     "seconds",
     "area",
 )
+# What the tracker keeps of a Tune result: the metrics, and what it needs to place and tag them.
+RESULT_KEYS = (*METRIC_KEYS, "step", "final", "layer_sparsity", "node_id")
+# A tracking server that is down must fail fast (the queue retries), not stall the Tune loop in
+# MLflow's own retries with backoff (minutes by default). A user's own setting wins.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def tracking_uri(runs_dir: Path) -> str:
     """`MLFLOW_TRACKING_URI` when set, else the embedded sqlite store `runs/mlflow.db`."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(runs_dir / 'mlflow.db').resolve()}"
+
+
+def fail_fast() -> None:
+    """Make MLflow's HTTP client give up at once on a server that is down (see HTTP_DEFAULTS)."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 
 def experiment_id(client: MlflowClient, name: str, runs_dir: Path) -> str:
@@ -62,23 +79,36 @@ def parent_run(client: MlflowClient, experiment: str, search_id: str, params: di
     return run.info.run_id
 
 
-def _param(key: str, value: Any):
-    from mlflow.entities import Param
-
+def _param(key: str, value: Any) -> Param:
     return Param(key, str(value)[:6000])
 
 
-class MlflowTracker(tune.Callback):
-    """Ray Tune callback mirroring every trial into a nested MLflow child run."""
+@dataclass(frozen=True)
+class Event:
+    """One thing to mirror into a trial's child run; handling it twice changes nothing."""
 
-    def __init__(self, uri: str, experiment: str, parent: str, search_id: str) -> None:
+    kind: str  # "started", "result" (one prune step), "finished" or "failed"
+    trial_id: str
+    config: dict = field(default_factory=dict)
+    result: dict = field(default_factory=dict)
+
+
+class MlflowTracker(tune.Callback):
+    """Ray Tune callback mirroring every trial into a nested MLflow child run, through a queue."""
+
+    def __init__(self, uri: str, experiment: str, parent: str, search_id: str, retry_every: float = 5.0) -> None:
         self.uri, self.experiment, self.parent, self.search_id = uri, experiment, parent, search_id
+        self.retry_every = retry_every
+        self.pending: list[Event] = []
+        self.last_error: str | None = None
         self._runs: dict[str, str] = {}
         self._logged: dict[str, set[int]] = {}
-        self._pending: list[tuple[str, tuple, dict]] = []
+        self._nodes: dict[str, list[str]] = {}
+        self._ended: set[str] = set()
+        self._last_try = 0.0
 
     def __getstate__(self) -> dict:
-        # Tune pickles callbacks with the experiment state; the queue of unsent calls goes with it
+        # Tune pickles callbacks with the experiment state: the queue of unsent events goes with it
         return {k: v for k, v in self.__dict__.items() if k != "_client_cache"}
 
     @property
@@ -87,30 +117,53 @@ class MlflowTracker(tune.Callback):
             self._client_cache = MlflowClient(self.uri)
         return self._client_cache
 
-    def _call(self, method: str, *args, **kwargs) -> None:
-        """Run a client call; if the server cannot take it now, queue it (in order) for later."""
-        self._pending.append((method, args, kwargs))
+    def send(self, event: Event) -> None:
+        """Queue an event and send what the server takes now."""
+        self.pending.append(event)
         self.flush()
 
     def flush(self, retries: int = 0, wait: float = 2.0) -> bool:
-        """Send queued calls in order; True when the queue is empty."""
+        """Send queued events in order, stopping at the first the server refuses; True when all went."""
         for attempt in range(retries + 1):
-            while self._pending:
-                method, args, kwargs = self._pending[0]
+            self._last_try = time.monotonic()
+            while self.pending:
                 try:
-                    getattr(self.client, method)(*args, **kwargs)
-                except Exception:  # noqa: BLE001 - any transport error: keep the call queued
+                    self._handle(self.pending[0])
+                except Exception as error:  # noqa: BLE001 - any transport or server error: keep it queued
+                    self.last_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                     break
-                self._pending.pop(0)
-            if not self._pending:
+                self.pending.pop(0)
+            if not self.pending:
+                self.last_error = None
                 return True
             if attempt < retries:
                 time.sleep(wait)
         return False
 
-    def _run_for(self, trial) -> str:
-        """The trial's child run: remembered, found in MLflow (after a resume), or created."""
-        trial_id = trial.trial_id
+    def _handle(self, event: Event) -> None:
+        run_id = self._run_for(event.trial_id, event.config)
+        if event.kind == "started":
+            if event.trial_id in self._ended:  # restarted after a failure, or resumed: it runs again
+                self.client.update_run(run_id, RunStatus.to_string(RunStatus.RUNNING))
+                self._ended.discard(event.trial_id)
+            return
+        if event.kind == "result":
+            self._log_step(event.trial_id, run_id, event.result)
+            return
+        if event.trial_id in self._ended:  # a replayed end: the run already says how it ended
+            return
+        if event.kind == "finished":
+            self.client.set_tag(run_id, STOPPED_TAG, str(not event.result.get("final", False)).lower())
+            self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        elif event.kind == "failed":
+            self.client.set_tag(run_id, ERROR_TAG, str(event.result.get("error") or "see the Ray logs"))
+            self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        else:
+            raise ValueError(f"unknown event kind {event.kind!r}")
+        self._ended.add(event.trial_id)
+
+    def _run_for(self, trial_id: str, config: dict) -> str:
+        """The trial's child run: remembered, found in MLflow (after a resume or a replay), or created."""
         if trial_id in self._runs:
             return self._runs[trial_id]
         found = self.client.search_runs(
@@ -120,10 +173,11 @@ class MlflowTracker(tune.Callback):
         )
         if found:
             run_id = found[0].info.run_id
-            history = self.client.get_metric_history(run_id, "attention_sparsity")
-            self._logged[trial_id] = {m.step for m in history}
+            logged = {m.step for m in self.client.get_metric_history(run_id, "attention_sparsity")}
+            nodes = [n for n in found[0].data.tags.get(NODES_TAG, "").split(",") if n]
+            if found[0].info.status in ("FINISHED", "FAILED"):
+                self._ended.add(trial_id)
         else:
-            config = trial.config
             tags = {
                 "mlflow.parentRunId": self.parent,
                 TRIAL_TAG: trial_id,
@@ -133,37 +187,72 @@ class MlflowTracker(tune.Callback):
             }
             run_id = self.client.create_run(self.experiment, run_name=trial_id, tags=tags).info.run_id
             self.client.log_batch(run_id, params=[_param(k, v) for k, v in sorted(config.items())])
-            self._logged[trial_id] = set()
-        self._runs[trial_id] = run_id
+            logged, nodes = set(), []
+        self._runs[trial_id], self._logged[trial_id], self._nodes[trial_id] = run_id, logged, nodes
         return run_id
 
-    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        self._run_for(trial)
-
-    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
-        run_id, step = self._run_for(trial), int(result["step"])
-        if step in self._logged[trial.trial_id]:
+    def _log_step(self, trial_id: str, run_id: str, result: dict) -> None:
+        node = result.get("node_id")
+        if node and node not in self._nodes[trial_id]:  # the Ray nodes a trial ran on, in order
+            self.client.set_tag(run_id, NODES_TAG, ",".join([*self._nodes[trial_id], node]))
+            self._nodes[trial_id].append(node)
+        step = int(result["step"])
+        if step in self._logged[trial_id]:
             return
         stamp = int(time.time() * 1000)
-        metrics = [Metric(k, float(result[k]), stamp, step) for k in METRIC_KEYS if k in result]
+        metrics = [Metric(k, float(result[k]), stamp, step) for k in METRIC_KEYS if result.get(k) is not None]
         metrics += [
-            Metric(f"layer_sparsity/{i}", value, stamp, step)
-            for i, value in enumerate(json.loads(result.get("layer_sparsity", "[]")))
+            Metric(f"{LAYER_METRIC}{i}", value, stamp, step)
+            for i, value in enumerate(json.loads(result.get("layer_sparsity") or "[]"))
         ]
-        self._call("log_batch", run_id, metrics=metrics)
-        self._logged[trial.trial_id].add(step)
+        self.client.log_batch(run_id, metrics=metrics)
+        self._logged[trial_id].add(step)
+
+    # Tune's callback hooks, in the driver
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self.send(Event("started", trial.trial_id, dict(trial.config)))
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        self.send(Event("result", trial.trial_id, dict(trial.config), _kept(result)))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        run_id = self._run_for(trial)
-        stopped = not (trial.last_result or {}).get("final", False)
-        self._call("set_tag", run_id, STOPPED_TAG, str(stopped).lower())
-        self._call("set_terminated", run_id, RunStatus.to_string(RunStatus.FINISHED))
+        self.send(Event("finished", trial.trial_id, dict(trial.config), {"final": (trial.last_result or {}).get("final", False)}))
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        run_id = self._run_for(trial)
-        self._call("set_tag", run_id, "prune_search.error", str(getattr(trial, "error_file", "") or "see Ray logs"))
-        self._call("set_terminated", run_id, RunStatus.to_string(RunStatus.FAILED))
+        error = str(getattr(trial, "error_file", "") or "")
+        self.send(Event("failed", trial.trial_id, dict(trial.config), {"error": error}))
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        if self.pending and time.monotonic() - self._last_try >= self.retry_every:
+            self.flush()
 
     def on_experiment_end(self, trials: list, **info) -> None:
-        self.flush(retries=30)
+        self.flush(retries=5)
 
+
+def _kept(result: dict) -> dict:
+    """The keys the tracker uses, without the gaps (None, NaN) of Tune's result tables."""
+    return {k: result[k] for k in RESULT_KEYS if k in result and result[k] is not None and result[k] == result[k]}
+
+
+def tune_events(analysis) -> list[Event]:
+    """Every trial of a Tune experiment (an `ExperimentAnalysis` of its folder or URI) as events."""
+    from ray.tune.experiment.trial import Trial
+
+    frames = analysis.trial_dataframes
+    events = []
+    for trial in analysis.trials:
+        frame = frames.get(trial.trial_id)
+        rows = [] if frame is None or frame.empty else frame.to_dict("records")
+        last: dict = {}
+        for row in sorted(rows, key=lambda r: r.get("step", 0)):
+            if "step" in row and row.get("attention_sparsity") is not None:
+                last = _kept(row)
+                last["step"] = int(last["step"])
+                events.append(Event("result", trial.trial_id, dict(trial.config), last))
+        if trial.status == Trial.TERMINATED:
+            events.append(Event("finished", trial.trial_id, dict(trial.config), {"final": bool(last.get("final", False))}))
+        elif trial.status == Trial.ERROR:
+            events.append(Event("failed", trial.trial_id, dict(trial.config), {"error": trial.error_file or ""}))
+    return events

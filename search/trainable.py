@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import torch
 from ray import tune
 
@@ -122,6 +123,7 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
             "final": final,
             "layers": json.dumps(result.layers),
             "layer_sparsity": json.dumps(layer_sparsity(session.model)),
+            "node_id": ray.get_runtime_context().get_node_id(),
         }
         if final:
             test = make_loader(settings.data, "test", settings.loader, train=False)

@@ -38,7 +38,7 @@ def workspace(tmp_path_factory):
             write_wav(audio / word / f"{s:08x}_nohash_0.wav", seed=100 * w + s)
     (audio / "validation_list.txt").write_text("".join(f"{w}/00000006_nohash_0.wav\n" for w in ["yes", "no", "up"]))
     (audio / "testing_list.txt").write_text("".join(f"{w}/00000007_nohash_0.wav\n" for w in ["yes", "no", "up"]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     manifest = prepare(
         PrepareConfig(source="speechcommands", input=audio, out=base / "data", features=FeatureParams(num_mel_bins=32, max_length=40))
     )
@@ -258,3 +258,25 @@ def test_a_failed_trial_resumes_from_its_last_step(workspace, tmp_path, monkeypa
     (results,) = list((tmp_path / "ray").glob("*/*/result.json"))
     reported = [json.loads(line)["step"] for line in results.read_text().splitlines()]
     assert reported == [1, 2], f"the retry must start from the step-1 checkpoint, not from scratch: {reported}"
+
+
+def test_custom_resources_are_validated(tmp_path):
+    path = search_config(tmp_path, "custom", resources={"cpu": 1, "custom": {"a10g": 0}})
+    with pytest.raises(ConfigError, match=r"resources.custom"):
+        load_config(path)
+    config = load_config(search_config(tmp_path, "custom-ok", resources={"cpu": 1, "gpu": 0.5, "custom": {"a10g": 1}}))
+    assert config.resources.custom == {"a10g": 1}
+
+
+def test_an_unreachable_tracking_server_fails_before_ray_starts(workspace, tmp_path):
+    from tests.services import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    path = search_config(workspace, "no-server", storage=str(tmp_path / "ray"))
+    done = subprocess.run(
+        [sys.executable, "-m", "search.cli", "run", "--config", str(path), "--runs", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "MLflow tracking at http://127.0.0.1:" in done.stderr and "unreachable" in done.stderr
+    assert "Started a local Ray instance" not in done.stderr + done.stdout

@@ -1,0 +1,132 @@
+"""The MLflow tracker's queue: a server that is down loses nothing, and nothing is logged twice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from search.report import collect_points, tune_points
+from search.tracking import NODES_TAG, STOPPED_TAG, Event, MlflowTracker, experiment_id, parent_run
+
+CONFIG = {"granularity": "per_head", "scorer": "fisher", "threshold": "global", "step_ratio": 0.1, "lora_rank": 4}
+
+
+class Outage:
+    """An MlflowClient that raises like a server that is down while `down` is set."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self.client, self.down, self.refused = client, False, 0
+
+    def __getattr__(self, name: str):
+        method = getattr(self.client, name)
+
+        def call(*args, **kwargs):
+            if self.down:
+                self.refused += 1
+                raise ConnectionError("connection refused")
+            return method(*args, **kwargs)
+
+        return call
+
+
+def result(step: int, node: str = "node-a") -> dict:
+    return {
+        "step": step, "accuracy": 0.9 - 0.01 * step, "attention_sparsity": 0.1 * step, "params": 1000 - 10 * step,
+        "macs": 5000 - 50 * step, "latency_ms": 1.0, "final": step == 4, "node_id": node,
+        "layer_sparsity": json.dumps([0.1 * step, 0.05 * step]),
+    }
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = experiment_id(client, "tracking", tmp_path)
+    parent = parent_run(client, experiment, "search-1", {"trials": 1})
+    return uri, client, experiment, parent
+
+
+def steps(client: MlflowClient, run_id: str, key: str = "accuracy") -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_events_wait_out_an_outage_in_order(store):
+    uri, client, experiment, parent = store
+    tracker = MlflowTracker(uri, experiment, parent, "search-1", retry_every=0.0)
+    outage = Outage(client)
+    tracker._client_cache = outage
+    tracker.send(Event("started", "t1", CONFIG))
+    tracker.send(Event("result", "t1", CONFIG, result(1)))
+    outage.down = True
+    for step in (2, 3):
+        tracker.send(Event("result", "t1", CONFIG, result(step, node="node-b")))
+    assert len(tracker.pending) == 2 and "connection refused" in tracker.last_error
+    outage.down = False
+    tracker.on_step_end(0, [])  # the Tune loop's next turn retries
+    assert not tracker.pending and tracker.last_error is None
+    tracker.send(Event("result", "t1", CONFIG, result(4, node="node-b")))
+    tracker.send(Event("finished", "t1", CONFIG, {"final": True}))
+    (child,) = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    for key in ("accuracy", "attention_sparsity", "params", "macs", "latency_ms", "layer_sparsity/1"):
+        assert steps(client, child.info.run_id, key) == [1, 2, 3, 4], key
+    assert child.data.tags[NODES_TAG] == "node-a,node-b"
+    assert child.data.tags[STOPPED_TAG] == "false" and child.info.status == "FINISHED"
+    assert child.data.params["lora_rank"] == "4"
+
+
+def test_replaying_tune_results_adds_only_what_is_missing(store):
+    uri, client, experiment, parent = store
+    first = MlflowTracker(uri, experiment, parent, "search-1")
+    for step in (1, 2):
+        first.send(Event("result", "t1", CONFIG, result(step)))
+    (child,) = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    logged = client.get_metric_history(child.info.run_id, "accuracy")
+
+    replayed = MlflowTracker(uri, experiment, parent, "search-1")  # e.g. `report` after the driver died
+    replayed.pending.extend([Event("result", "t1", CONFIG, result(step)) for step in (1, 2, 3, 4)])
+    replayed.pending.append(Event("finished", "t1", CONFIG, {"final": True}))
+    assert replayed.flush()
+    history = client.get_metric_history(child.info.run_id, "accuracy")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert [(m.step, m.timestamp) for m in history[:2]] == [(m.step, m.timestamp) for m in logged], "not re-logged"
+    ended = client.get_run(child.info.run_id).info
+    assert ended.status == "FINISHED"
+    again = MlflowTracker(uri, experiment, parent, "search-1")
+    again.pending.append(Event("finished", "t1", CONFIG, {"final": True}))
+    assert again.flush()
+    assert client.get_run(child.info.run_id).info.end_time == ended.end_time, "a replayed end changes nothing"
+
+
+def test_a_failed_trial_that_restarts_runs_again(store):
+    uri, client, experiment, parent = store
+    tracker = MlflowTracker(uri, experiment, parent, "search-1")
+    tracker.send(Event("result", "t1", CONFIG, result(1)))
+    tracker.send(Event("failed", "t1", CONFIG, {"error": "node died"}))
+    restarted = MlflowTracker(uri, experiment, parent, "search-1")  # after `resume`
+    restarted.send(Event("started", "t1", CONFIG))
+    (child,) = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert child.info.status == "RUNNING"
+    restarted.send(Event("result", "t1", CONFIG, result(2)))
+    restarted.send(Event("finished", "t1", CONFIG, {"final": False}))
+    child = client.get_run(child.info.run_id)
+    assert child.info.status == "FINISHED" and child.data.tags[STOPPED_TAG] == "true"
+    assert steps(client, child.info.run_id) == [1, 2]
+
+
+def test_the_report_from_tune_matches_the_report_from_mlflow(store):
+    """The fallback used while MLflow is down gives the same points as MLflow itself."""
+    uri, client, experiment, parent = store
+    events = [Event("result", trial, {**CONFIG, "scorer": scorer}, result(step))
+              for trial, scorer in (("t1", "fisher"), ("t2", "magnitude")) for step in (1, 2, 3)]
+    events += [Event("finished", "t1", CONFIG, {"final": True}), Event("finished", "t2", CONFIG, {"final": False})]
+    tracker = MlflowTracker(uri, experiment, parent, "search-1")
+    tracker.pending.extend(events)
+    assert tracker.flush()
+    columns = ["trial", "strategy", "step", "accuracy", "attention_sparsity", "latency_ms", "params", "macs", "status",
+               "asha_stopped", "step_ratio", "lora_rank"]
+    from_mlflow = collect_points(client, experiment, parent, "accuracy")[columns].sort_values(["trial", "step"])
+    from_tune = tune_points(events, "accuracy")[columns].sort_values(["trial", "step"])
+    assert len(from_tune) == 6
+    assert from_mlflow.reset_index(drop=True).equals(from_tune.reset_index(drop=True))
