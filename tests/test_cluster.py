@@ -1,0 +1,254 @@
+"""The search on a real multi-node Ray cluster with a real MLflow tracking server, both on 127.0.0.1.
+
+A head (no CPUs) and worker nodes are separate `ray start` processes; trials ask for a custom
+resource only the workers have. Faults are real: a worker node is SIGKILLed mid-trial, the MLflow
+server is stopped mid-search. Every check counts trials, steps and metrics against Ray Tune's own
+record of what ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from prune_core import build_ast
+from search.space import steps_to_target
+from search.tracking import NODES_TAG, TRIAL_TAG
+from tests.services import MlflowServer, RayCluster, mlflow_server, ray_cluster, start_mlflow_server
+from tests.test_prepare import write_wav
+
+ROOT = Path(__file__).resolve().parents[1]
+TRIAL_RESOURCE = "trial_node"
+# Steps of a few seconds, so that a fault lands mid-trial: many latency repeats, more LoRA epochs.
+SLOW = {"latency_repeats": 1000, "epochs": 5}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with ray_cluster(tmp_path_factory.mktemp("ray-cluster")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, cluster: RayCluster):
+    """Data prepared on the cluster (`data prepare` with RAY_ADDRESS), and a small AST baseline."""
+    base = tmp_path_factory.mktemp("cluster-search")
+    audio = base / "audio"
+    for w, word in enumerate(["yes", "no", "up"]):
+        for s in range(8):
+            write_wav(audio / word / f"{s:08x}_nohash_0.wav", seed=100 * w + s)
+    (audio / "validation_list.txt").write_text("".join(f"{w}/00000006_nohash_0.wav\n" for w in ["yes", "no", "up"]))
+    (audio / "testing_list.txt").write_text("".join(f"{w}/00000007_nohash_0.wav\n" for w in ["yes", "no", "up"]))
+    worker = cluster.add_worker(cpus=2, resources={TRIAL_RESOURCE: 2})
+    prepared = subprocess.run(
+        [sys.executable, "-m", "search.cli", "data", "prepare", "--source", "speechcommands", "--input", str(audio),
+         "--out", str(base / "data"), "--num-mel-bins", "64", "--max-length", "100", "--shard-size", "8"],
+        cwd=ROOT, env={**cluster.env, "RAY_ADDRESS": cluster.address}, capture_output=True, text=True, timeout=300,
+    )
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    manifest = json.loads((base / "data" / "manifest.json").read_text())
+    build_ast(
+        num_labels=3, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256, num_mel_bins=64, max_length=100,
+        labels=manifest["labels"],
+    ).save_pretrained(base / "baseline")
+    yield base, worker
+
+
+def search_config(base: Path, name: str, slow: bool = False, **overrides) -> Path:
+    config = {
+        "experiment": name,
+        "data": str(base / "data"),
+        "baseline": str(base / "baseline"),
+        "target_sparsity": 0.5,
+        "schedule": "linear",
+        "trials": 2,
+        "max_concurrent": 2,
+        "seed": 0,
+        "points_to_evaluate": [
+            {"granularity": "per_head", "scorer": "magnitude", "threshold": "global"},
+            {"granularity": "entire_head", "scorer": "magnitude", "threshold": "local"},
+        ],
+        "calib_batches": 1,
+        "train_batches_per_step": 2,
+        "latency_repeats": SLOW["latency_repeats"] if slow else 5,
+        "max_failures": 2,
+        "storage": str(base / name / "ray"),
+        "resources": {"cpu": 1, "custom": {TRIAL_RESOURCE: 1}},
+        "asha": {"grace_period": 45, "reduction_factor": 2},
+        "loader": {"batch_size": 8, "eval_batch_size": 16},
+        "space": {
+            "granularity": ["entire_head", "per_head"],
+            "scorer": ["magnitude"],
+            "threshold": ["global", "local"],
+            "step_ratio": 0.1,
+            "lora_rank": 2,
+            "lora_alpha": 4,
+            "lr": 1.0e-3,
+            "epochs": SLOW["epochs"] if slow else 1,
+        },
+        **overrides,
+    }
+    path = base / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_search(cluster: RayCluster, server: MlflowServer, config: Path, runs: Path) -> subprocess.Popen:
+    env = {**cluster.env, "MLFLOW_TRACKING_URI": server.url, "PYTHONPATH": str(ROOT)}
+    log = (runs.parent / f"{runs.name}-driver.log").open("w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "search.cli", "run", "--config", str(config), "--address", cluster.address, "--runs", str(runs)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def finish(process: subprocess.Popen, runs: Path, timeout: float = 420) -> str:
+    try:
+        process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+            process.wait()
+    return (runs.parent / f"{runs.name}-driver.log").read_text()
+
+
+def tune_steps(storage: Path) -> dict[str, list[int]]:
+    """Ray Tune's own record: trial id -> the steps in its result.json, in the order they were reported."""
+    record = {}
+    for results in storage.glob("*/*/result.json"):
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        if rows:
+            record[rows[0]["trial_id"]] = [row["step"] for row in rows]
+    return record
+
+
+def mlflow_record(url: str, experiment: str) -> tuple[MlflowClient, list, dict[str, dict]]:
+    """(client, parent runs, trial id -> {run, steps per metric}) from the tracking server, over HTTP."""
+    client = MlflowClient(url)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {}
+    for run in runs:
+        if "mlflow.parentRunId" in run.data.tags:
+            steps = {key: [m.step for m in client.get_metric_history(run.info.run_id, key)]
+                     for key in ("accuracy", "attention_sparsity", "params", "macs", "latency_ms", "layer_sparsity/0")}
+            children[run.data.tags[TRIAL_TAG]] = {"run": run, "steps": steps}
+    return client, parents, children
+
+
+def assert_complete(children: dict, record: dict[str, list[int]], target: float = 0.5, ratio: float = 0.1) -> None:
+    """One child run per Tune trial; every step Tune recorded is in MLflow once, for every metric."""
+    assert set(children) == set(record), "one MLflow child run per Tune trial"
+    last = steps_to_target(ratio, target, "linear")
+    for trial, reported in record.items():
+        assert reported == sorted(set(reported)), f"{trial}: Tune saw a step twice or out of order: {reported}"
+        assert reported[0] == 1 and reported == list(range(1, reported[-1] + 1)) and reported[-1] <= last
+        for key, steps in children[trial]["steps"].items():
+            assert steps == reported, f"{trial}: MLflow {key} steps {steps} != Tune's {reported}"
+
+
+def test_search_on_two_nodes_tracked_by_an_mlflow_server(cluster, workspace, tmp_path):
+    """Trials run on the worker node only; every run, metric and artifact reaches the server over HTTP."""
+    base, worker = workspace
+    runs = tmp_path / "runs"
+    with mlflow_server(tmp_path / "mlflow") as server:
+        config = search_config(base, "two-nodes", storage=str(tmp_path / "ray"))
+        log = finish(start_search(cluster, server, config, runs), runs)
+        assert "2 trials: 2 finished" in log, log[-3000:]
+        client, parents, children = mlflow_record(server.url, "two-nodes")
+        assert len(parents) == 1 and client.get_run(parents[0].info.run_id).info.status == "FINISHED"
+        assert_complete(children, tune_steps(tmp_path / "ray"))
+        for trial, child in children.items():
+            assert child["run"].data.tags[NODES_TAG] == worker, f"{trial} ran off the worker node"
+            assert child["run"].info.status == "FINISHED"
+        pareto = {a.path for a in client.list_artifacts(parents[0].info.run_id, "pareto")}
+        assert pareto == {"pareto/pareto.parquet", "pareto/pareto.png", "pareto/report.html"}
+        stored = {path.name for path in (server.folder / "artifacts").rglob("*") if path.is_file()}
+        assert {"pareto.parquet", "report.html", "model.safetensors", "pruning.json"} <= stored, "artifacts went through the server"
+    assert not (runs / "mlflow.db").exists(), "nothing was tracked in the embedded store"
+
+
+def test_a_worker_node_killed_mid_trial(cluster, workspace, tmp_path):
+    """The trial on a node that dies resumes from its last step checkpoint on the other node and finishes."""
+    base, first = workspace
+    second = cluster.add_worker(cpus=1, resources={TRIAL_RESOURCE: 1})
+    runs = tmp_path / "runs"
+    with mlflow_server(tmp_path / "mlflow") as server:
+        config = search_config(base, "node-lost", slow=True, storage=str(tmp_path / "ray"))
+        driver = start_search(cluster, server, config, runs)
+        victim, killed = None, None
+        deadline = time.time() + 300
+        while time.time() < deadline and victim is None and driver.poll() is None:
+            time.sleep(0.5)
+            try:
+                _, _, children = mlflow_record(server.url, "node-lost")
+            except Exception:  # noqa: BLE001 - the experiment may not exist yet
+                continue
+            for trial, child in children.items():
+                nodes = child["run"].data.tags.get(NODES_TAG, "")
+                if child["run"].info.status == "RUNNING" and child["steps"]["accuracy"] and nodes in (first, second):
+                    victim, killed = trial, nodes
+                    break
+        assert victim is not None, "no trial was caught mid-run"
+        steps_before = len(mlflow_record(server.url, "node-lost")[2][victim]["steps"]["accuracy"])
+        cluster.kill_worker(killed)
+        log = finish(driver, runs)
+        assert "2 trials: 2 finished" in log and "0 failed" in log, log[-3000:]
+        _, _, children = mlflow_record(server.url, "node-lost")
+        record = tune_steps(tmp_path / "ray")
+        assert_complete(children, record)
+        nodes = children[victim]["run"].data.tags[NODES_TAG].split(",")
+        survivor = second if killed == first else first
+        assert nodes == [killed, survivor], f"the victim ran on {nodes}"
+        assert record[victim][-1] > steps_before, "the victim went on after the node died"
+        assert all(child["run"].info.status == "FINISHED" for child in children.values())
+
+
+def test_mlflow_server_down_during_a_search(cluster, workspace, tmp_path):
+    """The search runs on while MLflow is down; its report comes from Tune; `report` fills MLflow in after."""
+    base, _ = workspace
+    runs = tmp_path / "runs"
+    server = start_mlflow_server(tmp_path / "mlflow")
+    try:
+        config = search_config(base, "mlflow-down", slow=True, storage=str(tmp_path / "ray"))
+        driver = start_search(cluster, server, config, runs)
+        deadline = time.time() + 300
+        logged = 0
+        while time.time() < deadline and not logged and driver.poll() is None:
+            time.sleep(0.5)
+            try:
+                _, _, children = mlflow_record(server.url, "mlflow-down")
+                logged = sum(len(child["steps"]["accuracy"]) for child in children.values())
+            except Exception:  # noqa: BLE001 - not created yet
+                continue
+        assert logged, "the search should log a step before the server goes down"
+        server.stop()
+        log = finish(driver, runs)
+        assert "2 trials: 2 finished" in log and "MLflow at" in log and "unreachable" in log, log[-3000:]
+        assert (runs / "mlflow-down" / "report" / "pareto.parquet").is_file(), "the report is built from Tune's results"
+        record = tune_steps(tmp_path / "ray")
+        assert sum(len(steps) for steps in record.values()) > logged, "the search went on while MLflow was down"
+
+        server = start_mlflow_server(tmp_path / "mlflow", port=int(server.url.rsplit(":", 1)[1]))
+        env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "PYTHONPATH": str(ROOT)}
+        rebuilt = subprocess.run(
+            [sys.executable, "-m", "search.cli", "report", "--experiment", "mlflow-down", "--runs", str(runs)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+        client, parents, children = mlflow_record(server.url, "mlflow-down")
+        assert_complete(children, record)
+        assert all(child["run"].info.status == "FINISHED" for child in children.values())
+        assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
+        assert "pareto_hypervolume" in client.get_run(parents[0].info.run_id).data.metrics
+    finally:
+        server.stop()
