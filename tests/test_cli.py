@@ -23,3 +23,9 @@ def test_prune_command_bad_amount(tmp_path, capsys):
     assert code == 2
     assert "amount must be a fraction" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_servers_bind_to_localhost_by_default():
+    from search.cli import build_parser
+
+    assert build_parser().parse_args(["ui"]).host == "127.0.0.1"
