@@ -40,7 +40,7 @@ def attention_sparsity(model: nn.Module) -> float:
 
 def layer_sparsity(model: nn.Module) -> list[float]:
     """Per layer, the fraction of its dense attention parameters that is gone (where strategies prune)."""
-    dense = [LayerShape(**shape).params for shape in dense_record(model)["dense_layers"]]
+    dense = [LayerShape.from_dict(shape).params for shape in dense_record(model)["dense_layers"]]
     return [1.0 - site.shape.params / total for site, total in zip(attention_sites(model), dense)]
 
 
@@ -51,6 +51,9 @@ def total_params(model: nn.Module) -> int:
 @torch.no_grad()
 def macs_per_sample(model: nn.Module, inputs: Mapping[str, torch.Tensor] | None = None) -> int:
     """Multiply-accumulates of one forward pass on one sample: Linear and Conv layers plus attention matmuls.
+
+    Attention matmuls count the kept channels of every head; the zero padding with which heads of
+    different dims run in one kernel call is an implementation cost, not counted.
 
     `inputs` is one sample as the model takes it; by default a zero sample of the configured size.
     """
@@ -67,7 +70,7 @@ def macs_per_sample(model: nn.Module, inputs: Mapping[str, torch.Tensor] | None 
             total += output.numel() * kernel
         elif isinstance(module, PrunedAttention):
             batch, tokens = args[0].shape[:2]
-            total += batch * tokens * tokens * module.num_heads * (module.qk_head_dim + module.v_head_dim)
+            total += batch * tokens * tokens * (sum(module.qk_dims) + sum(module.v_dims))
 
     handles = [
         module.register_forward_hook(count)

@@ -54,9 +54,8 @@ class Adapter:
         head_dim = getattr(module, self.head_dim_attr)
         pruned = PrunedAttention(
             projections,
-            num_heads=module.num_attention_heads,
-            qk_head_dim=head_dim,
-            v_head_dim=head_dim,
+            qk_dims=(head_dim,) * module.num_attention_heads,
+            v_dims=(head_dim,) * module.num_attention_heads,
             scaling=module.scaling,
             dropout=dropout.p if isinstance(dropout, nn.Dropout) else float(dropout),
             config=module.config,
@@ -113,9 +112,8 @@ class AttentionSite:
     @property
     def shape(self) -> LayerShape:
         return LayerShape(
-            num_heads=self.attention.num_heads,
-            qk_head_dim=self.attention.qk_head_dim,
-            v_head_dim=self.attention.v_head_dim,
+            qk_dims=self.attention.qk_dims,
+            v_dims=self.attention.v_dims,
             hidden_size=self.attention.projection("q").in_features,
         )
 

@@ -1,7 +1,8 @@
 """Multi-head self-attention whose Q/K and V head dims may differ, for physically pruned layers.
 
 A pruned layer keeps its projections under the model's own names (`q_proj`... for AST) and the
-softmax scale of the dense model, so a removed channel behaves exactly like a zeroed one.
+softmax scale of the dense model, so a removed channel behaves exactly like a zeroed one. Heads of a
+layer share one Q/K dim and one V dim, except after `variable_per_head`, where each head keeps its own.
 """
 
 from __future__ import annotations
@@ -15,18 +16,63 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 @dataclass(frozen=True)
 class LayerShape:
-    """What one attention layer looks like: head count, Q/K head dim, V head dim, model width."""
+    """What one attention layer looks like: each head's Q/K dim and V dim, and the model width."""
 
-    num_heads: int
-    qk_head_dim: int
-    v_head_dim: int
+    qk_dims: tuple[int, ...]
+    v_dims: tuple[int, ...]
     hidden_size: int
+
+    def __post_init__(self) -> None:
+        if not self.qk_dims or len(self.qk_dims) != len(self.v_dims):
+            raise ValueError(f"a layer needs one Q/K dim and one V dim per head, got {self.qk_dims} and {self.v_dims}")
+        if min(self.qk_dims) < 1 or min(self.v_dims) < 1:
+            raise ValueError(f"every head needs >= 1 Q/K and >= 1 V channel, got {self.qk_dims} and {self.v_dims}")
+
+    @classmethod
+    def uniform(cls, num_heads: int, qk_head_dim: int, v_head_dim: int, hidden_size: int) -> LayerShape:
+        """A layer whose heads all have the same dims (every dense layer)."""
+        return cls((qk_head_dim,) * num_heads, (v_head_dim,) * num_heads, hidden_size)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerShape:
+        """Read `to_dict`'s output; a layer without per-head lists is uniform."""
+        if "qk_dims" not in data:
+            return cls.uniform(data["num_heads"], data["qk_head_dim"], data["v_head_dim"], data["hidden_size"])
+        shape = cls(tuple(data["qk_dims"]), tuple(data["v_dims"]), data["hidden_size"])
+        if data.get("num_heads", shape.num_heads) != shape.num_heads:
+            raise ValueError(f"num_heads {data['num_heads']} but {shape.num_heads} per-head dims in {data}")
+        return shape
+
+    def to_dict(self) -> dict:
+        """Uniform layers as `num_heads`, `qk_head_dim`, `v_head_dim`; others with per-head lists."""
+        if self.is_uniform:
+            head_dims = {"qk_head_dim": self.qk_head_dim, "v_head_dim": self.v_head_dim}
+        else:
+            head_dims = {"qk_dims": list(self.qk_dims), "v_dims": list(self.v_dims)}
+        return {"num_heads": self.num_heads, **head_dims, "hidden_size": self.hidden_size}
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.qk_dims)
+
+    @property
+    def is_uniform(self) -> bool:
+        return len(set(self.qk_dims)) == 1 and len(set(self.v_dims)) == 1
+
+    @property
+    def qk_head_dim(self) -> int:
+        """The Q/K dim every head shares; a layer whose heads differ has none."""
+        return _shared(self.qk_dims, "Q/K")
+
+    @property
+    def v_head_dim(self) -> int:
+        """The V dim every head shares; a layer whose heads differ has none."""
+        return _shared(self.v_dims, "V")
 
     @property
     def params(self) -> int:
         """Q/K/V/O weights and biases (the O bias included: it is attention, but never removable)."""
-        qk = self.num_heads * self.qk_head_dim
-        v = self.num_heads * self.v_head_dim
+        qk, v = sum(self.qk_dims), sum(self.v_dims)
         return 2 * qk * (self.hidden_size + 1) + v * (self.hidden_size + 1) + v * self.hidden_size + self.hidden_size
 
     @property
@@ -40,16 +86,49 @@ class LayerShape:
         return 2 * self.hidden_size + 1
 
     @property
-    def head_params(self) -> int:
-        return self.qk_head_dim * self.qk_channel_params + self.v_head_dim * self.vo_channel_params
+    def head_params(self) -> tuple[int, ...]:
+        """Parameters of each head (its Q/K and V/O channels)."""
+        return tuple(
+            qk * self.qk_channel_params + v * self.vo_channel_params for qk, v in zip(self.qk_dims, self.v_dims)
+        )
 
-    def to_dict(self) -> dict[str, int]:
-        return {
-            "num_heads": self.num_heads,
-            "qk_head_dim": self.qk_head_dim,
-            "v_head_dim": self.v_head_dim,
-            "hidden_size": self.hidden_size,
-        }
+
+def _shared(dims: tuple[int, ...], name: str) -> int:
+    if len(set(dims)) != 1:
+        raise ValueError(f"the heads of this layer have different {name} dims {dims}; read the per-head dims")
+    return dims[0]
+
+
+def padded_index(dims: tuple[int, ...]) -> torch.Tensor:
+    """Where each of the heads' channels (one head after another) lands when every head is padded to the widest."""
+    width = max(dims)
+    return torch.cat([head * width + torch.arange(dim) for head, dim in enumerate(dims)])
+
+
+def pad_heads(
+    x: torch.Tensor, dims: tuple[int, ...], axis: int = -1, index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Split `axis` of `x` (the heads' channels, one head after another) into [heads, widest head].
+
+    Narrower heads are zero-padded: zero channels change neither Q.K nor any kept output. `index` is
+    `padded_index(dims)` on x's device, passed by callers that keep it; heads of equal dims need none.
+    """
+    heads, width = len(dims), max(dims)
+    if min(dims) == width:
+        return x.unflatten(axis, (heads, width))
+    if index is None:
+        index = padded_index(dims).to(x.device)
+    shape = list(x.shape)
+    shape[axis] = heads * width
+    return x.new_zeros(shape).index_copy(axis, index, x).unflatten(axis, (heads, width))
+
+
+def unpad_heads(x: torch.Tensor, dims: tuple[int, ...], index: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of `pad_heads` on the last two axes ([..., heads, widest head] -> [..., channels])."""
+    flat = x.flatten(-2)
+    if min(dims) == max(dims):
+        return flat
+    return flat.index_select(-1, index if index is not None else padded_index(dims).to(x.device))
 
 
 def eager_attention(
@@ -104,6 +183,15 @@ class PrunedAttention(nn.Module):
     projection lives in this module (AST, ViT); BERT keeps O in a sibling module, so `names`
     then has three entries and `o_sibling` is O's path from this module's parent. The attention kernel is the one the model's config selects
     (eager or SDPA), as in the unpruned model.
+
+    Heads of different dims (`qk_dims`, `v_dims` after `variable_per_head`) are zero-padded to the
+    layer's widest Q/K and V head and run in one batched kernel call: zero Q/K channels leave every
+    score unchanged, and zero V channels give outputs that `unpad_heads` drops before O. Padding
+    costs matmul work (1.2-1.4x what the kept channels need, at 30-50% sparsity in the benchmark
+    below), but SDPA's time on CPU is far from proportional to the head dim (the softmax over the
+    T x T map is per head), and the alternative, one SDPA call per group of equal-dim heads (up to
+    one per head), measured no faster at 146 or 1,214 tokens (`benchmarks/granularity_latency.py`,
+    its `grouped` rows). So: one call, and the same code as uniform layers, where padding is a view.
     """
 
     is_causal = False
@@ -112,9 +200,8 @@ class PrunedAttention(nn.Module):
         self,
         projections: dict[str, nn.Linear],
         *,
-        num_heads: int,
-        qk_head_dim: int,
-        v_head_dim: int,
+        qk_dims: tuple[int, ...],
+        v_dims: tuple[int, ...],
         scaling: float,
         dropout: float,
         config: object,
@@ -126,13 +213,23 @@ class PrunedAttention(nn.Module):
         self.names = tuple(projections)
         for name, linear in projections.items():
             self.add_module(name, linear)
-        self.num_heads = num_heads
-        self.qk_head_dim = qk_head_dim
-        self.v_head_dim = v_head_dim
         self.scaling = scaling
         self.dropout_p = dropout
         self.config = config
         self.o_sibling = o_sibling
+        self.set_dims(qk_dims, v_dims)
+
+    def set_dims(self, qk_dims: tuple[int, ...], v_dims: tuple[int, ...]) -> None:
+        """Record each head's Q/K and V dims, once the projections hold that many rows."""
+        self.qk_dims, self.v_dims = tuple(qk_dims), tuple(v_dims)
+        device = self.projection("q").weight.device
+        for name, dims in (("qk_index", self.qk_dims), ("v_index", self.v_dims)):
+            index = None if min(dims) == max(dims) else padded_index(dims).to(device)
+            self.register_buffer(name, index, persistent=False)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.qk_dims)
 
     def projection(self, role: str) -> nn.Linear:
         """The Q, K, V or O projection (role 'q', 'k', 'v', 'o')."""
@@ -141,11 +238,9 @@ class PrunedAttention(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        query = self.projection("q")(hidden_states).view(*input_shape, self.num_heads, self.qk_head_dim)
-        key = self.projection("k")(hidden_states).view(*input_shape, self.num_heads, self.qk_head_dim)
-        value = self.projection("v")(hidden_states).view(*input_shape, self.num_heads, self.v_head_dim)
-        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        query = pad_heads(self.projection("q")(hidden_states), self.qk_dims, index=self.qk_index).transpose(1, 2)
+        key = pad_heads(self.projection("k")(hidden_states), self.qk_dims, index=self.qk_index).transpose(1, 2)
+        value = pad_heads(self.projection("v")(hidden_states), self.v_dims, index=self.v_index).transpose(1, 2)
         dropout = self.dropout_p if self.training else 0.0
         implementation = getattr(self.config, "_attn_implementation", "eager")
         if implementation == "sdpa":
@@ -157,7 +252,7 @@ class PrunedAttention(nn.Module):
             output, weights = attend(
                 self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
             )
-        output = output.reshape(*input_shape, self.num_heads * self.v_head_dim)
+        output = unpad_heads(output, self.v_dims, self.v_index)
         if len(self.names) == 4:
             output = self.projection("o")(output)
         return output, weights

@@ -1,5 +1,8 @@
 """Save and load pruned models: safetensors weights, config.json and a JSON of per-layer shapes.
 
+A layer whose heads differ in dims (after `variable_per_head`) lists them per head; the others keep
+the uniform form (`num_heads`, `qk_head_dim`, `v_head_dim`), so files from before read the same.
+
 Nothing is unpickled on load: the model class is looked up by name in `transformers`, built from its
 config, resized to the saved shapes, then filled from safetensors.
 """
@@ -62,6 +65,10 @@ def load_pruned(directory: str | Path, device: str = "cpu") -> nn.Module:
     for site, layer in zip(sites, description["layers"]):
         if site.path != layer["path"]:
             raise ValueError(f"{shapes_file}: layer {layer['path']!r} where the model has {site.path!r}")
-        resize(model, site, LayerShape(**{k: v for k, v in layer.items() if k != "path"}))
+        try:
+            shape = LayerShape.from_dict(layer)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{shapes_file}: layer {layer['path']!r} has no valid shape: {error!r}") from error
+        resize(model, site, shape)
     load_model(model, str(directory / WEIGHTS_FILE), strict=True)
     return model.to(device).eval()

@@ -43,6 +43,13 @@ def plan_pruning(
     dense_record(model)
     shapes = [site.shape for site in sites]
     chosen = GRANULARITIES[granularity]
+    ragged = next((site for site, shape in zip(sites, shapes) if not shape.is_uniform), None)
+    if ragged is not None and not chosen.ragged_heads:
+        takes_ragged = sorted(name for name, g in GRANULARITIES.items() if g.ragged_heads)
+        raise ValueError(
+            f"granularity {granularity!r} needs the heads of a layer to share their dims, but those of {ragged.path} "
+            f"differ (Q/K {ragged.shape.qk_dims}, V {ragged.shape.v_dims}); prune this model with one of {takes_ragged}"
+        )
     scores = [
         LayerScores(qk=s.qk.detach().cpu(), vo=s.vo.detach().cpu(), head=s.head.detach().cpu())
         for s in SCORERS[scorer](model, sites, calib, loss_fn or default_loss)
@@ -65,14 +72,14 @@ def _family_fraction(amount: float, candidates: list[Candidates], total: int, gr
     O's bias is attention but never removable, so the removable families give up a little more.
     """
     removable = sum(c.family_params for c in candidates)
-    capacity = sum(c.size * len(c.costs) for c in candidates)
+    capacity = sum(sum(c.sizes) for c in candidates)
     if removable == 0 or capacity == 0:
         raise ValueError(
             f"nothing left to prune with granularity {granularity!r}: every layer is down to one head or one "
             "channel per head"
         )
     wanted = amount * total
-    smallest = min(c.size for c in candidates if len(c.costs))
+    smallest = min(size for c in candidates for size in c.sizes)
     if wanted > capacity + smallest / 2:
         raise ValueError(
             f"amount {amount:.3f} asks for {wanted:.0f} attention parameters, but granularity {granularity!r} can "

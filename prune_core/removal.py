@@ -6,17 +6,20 @@ masked one does, which is what the tests check.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
 from prune_core.adapters import AttentionSite
 from prune_core.attention import LayerShape
-from prune_core.granularities import LayerPlan
+from prune_core.granularities import LayerPlan, Rows
 
 
-def _rows(plan: LayerPlan, channels: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Flat row indices of the kept channels of the kept heads, head-major."""
-    return (plan.keep_heads[:, None] * head_dim + channels).flatten()
+def _rows(keep_heads: torch.Tensor, channels: Rows, dims: tuple[int, ...]) -> torch.Tensor:
+    """Flat row indices of the kept channels of the kept heads, head-major; `dims` are the current head dims."""
+    offsets = [0, *itertools.accumulate(dims)]
+    return torch.cat([offsets[head] + row for head, row in zip(keep_heads.tolist(), channels)])
 
 
 def _take_rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
@@ -46,21 +49,21 @@ def _take_columns(linear: nn.Linear, columns: torch.Tensor) -> nn.Linear:
 def apply_plan(model: nn.Module, site: AttentionSite, plan: LayerPlan) -> None:
     """Replace the layer's projections by smaller ones holding only what `plan` keeps."""
     attention, shape = site.attention, site.shape
-    qk_rows = _rows(plan, plan.keep_qk, shape.qk_head_dim)
-    vo_rows = _rows(plan, plan.keep_vo, shape.v_head_dim)
+    qk_rows = _rows(plan.keep_heads, plan.keep_qk, shape.qk_dims)
+    vo_rows = _rows(plan.keep_heads, plan.keep_vo, shape.v_dims)
     for role, rows in (("q", qk_rows), ("k", qk_rows), ("v", vo_rows)):
         setattr(attention, attention.names["qkv".index(role)], _take_rows(attention.projection(role), rows))
     model.set_submodule(site.o_path, _take_columns(site.o_proj, vo_rows))
-    attention.num_heads, attention.qk_head_dim, attention.v_head_dim = plan.shape_change
+    attention.set_dims(*plan.kept_dims)
 
 
 def mask_plan(site: AttentionSite, plan: LayerPlan) -> None:
     """Zero, in place, every row and column that `apply_plan` would remove."""
     shape = site.shape
     removed = {}
-    for name, channels, dim in (("qk", plan.keep_qk, shape.qk_head_dim), ("vo", plan.keep_vo, shape.v_head_dim)):
-        keep = torch.zeros(shape.num_heads * dim, dtype=torch.bool)
-        keep[_rows(plan, channels, dim)] = True
+    for name, channels, dims in (("qk", plan.keep_qk, shape.qk_dims), ("vo", plan.keep_vo, shape.v_dims)):
+        keep = torch.zeros(sum(dims), dtype=torch.bool)
+        keep[_rows(plan.keep_heads, channels, dims)] = True
         removed[name] = ~keep
     with torch.no_grad():
         for role, family in (("q", "qk"), ("k", "qk"), ("v", "vo")):
@@ -74,7 +77,7 @@ def mask_plan(site: AttentionSite, plan: LayerPlan) -> None:
 def resize(model: nn.Module, site: AttentionSite, shape: LayerShape) -> None:
     """Give the layer empty projections of `shape`, ready to receive saved pruned weights."""
     attention = site.attention
-    qk, v = shape.num_heads * shape.qk_head_dim, shape.num_heads * shape.v_head_dim
+    qk, v = sum(shape.qk_dims), sum(shape.v_dims)
     for role, rows in (("q", qk), ("k", qk), ("v", v)):
         old = attention.projection(role)
         new = nn.Linear(old.in_features, rows, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
@@ -82,4 +85,4 @@ def resize(model: nn.Module, site: AttentionSite, shape: LayerShape) -> None:
     old = site.o_proj
     new = nn.Linear(v, old.out_features, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
     model.set_submodule(site.o_path, new)
-    attention.num_heads, attention.qk_head_dim, attention.v_head_dim = shape.num_heads, shape.qk_head_dim, shape.v_head_dim
+    attention.set_dims(shape.qk_dims, shape.v_dims)

@@ -15,13 +15,19 @@ import torch
 from torch import nn
 
 from prune_core.adapters import AttentionSite
+from prune_core.attention import pad_heads
 from prune_core.batches import Batch, LossFn, to_device
+
 FISHER_EPS = 1e-6  # the authors' floor, so that no structure scores exactly zero
 
 
 @dataclass(frozen=True)
 class LayerScores:
-    """Scores of one layer: qk [heads, qk_head_dim], vo [heads, v_head_dim], head [heads]."""
+    """Scores of one layer: qk [heads, widest Q/K head], vo [heads, widest V head], head [heads].
+
+    Where the heads of a layer have different dims, the narrower heads' rows are padded with
+    entries that are no channel (see `LayerShape.qk_dims`, `v_dims`).
+    """
 
     qk: torch.Tensor
     vo: torch.Tensor
@@ -79,8 +85,8 @@ def random_scores(model, sites, calib, loss_fn):
     """Uniform random scores, the control; seed it with `torch.manual_seed`."""
     return [
         LayerScores(
-            qk=torch.rand(s.shape.num_heads, s.shape.qk_head_dim),
-            vo=torch.rand(s.shape.num_heads, s.shape.v_head_dim),
+            qk=torch.rand(s.shape.num_heads, max(s.shape.qk_dims)),
+            vo=torch.rand(s.shape.num_heads, max(s.shape.v_dims)),
             head=torch.rand(s.shape.num_heads),
         )
         for s in sites
@@ -138,12 +144,13 @@ def _weight_gradients(model, sites, calib, loss_fn, scorer: str, reduce: Callabl
 
 
 def _as_structures(site: AttentionSite, q, k, v, o) -> list[torch.Tensor]:
+    """Q, K, V rows and O columns as [heads, channels, weights]; narrower heads padded with zero rows."""
     shape = site.shape
     return [
-        q.view(shape.num_heads, shape.qk_head_dim, -1),
-        k.view(shape.num_heads, shape.qk_head_dim, -1),
-        v.view(shape.num_heads, shape.v_head_dim, -1),
-        o.t().reshape(shape.num_heads, shape.v_head_dim, -1),
+        pad_heads(q, shape.qk_dims, axis=0),
+        pad_heads(k, shape.qk_dims, axis=0),
+        pad_heads(v, shape.v_dims, axis=0),
+        pad_heads(o.t(), shape.v_dims, axis=0),
     ]
 
 
@@ -175,8 +182,8 @@ def fisher_mask(model, sites, calib, loss_fn):
     the squared gradient; a head's mask gradient is the sum of its context channels' gradients.
     """
     device = next(model.parameters()).device
-    qk_sums = [torch.zeros(s.shape.num_heads, s.shape.qk_head_dim, device=device) for s in sites]
-    vo_sums = [torch.zeros(s.shape.num_heads, s.shape.v_head_dim, device=device) for s in sites]
+    qk_sums = [torch.zeros(s.shape.num_heads, max(s.shape.qk_dims), device=device) for s in sites]
+    vo_sums = [torch.zeros(s.shape.num_heads, max(s.shape.v_dims), device=device) for s in sites]
     head_sums = [torch.zeros(s.shape.num_heads, device=device) for s in sites]
     masks: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -210,8 +217,8 @@ def fisher_mask(model, sites, calib, loss_fn):
                 (loss * size).backward()  # per-sample gradients of a mean loss
                 for index, site in enumerate(sites):
                     shape = site.shape
-                    qk = masks[index, "qk"].grad.view(size, shape.num_heads, shape.qk_head_dim)
-                    vo = masks[index, "vo"].grad.view(size, shape.num_heads, shape.v_head_dim)
+                    qk = pad_heads(masks[index, "qk"].grad.view(size, -1), shape.qk_dims)
+                    vo = pad_heads(masks[index, "vo"].grad.view(size, -1), shape.v_dims)
                     qk_sums[index] += qk.square().sum(0)
                     vo_sums[index] += vo.square().sum(0)
                     head_sums[index] += vo.sum(-1).square().sum(0)

@@ -2,13 +2,13 @@
 
 A threshold is a function `(candidates, fraction) -> {(layer, family): count}`; `fraction` is the
 share of each family's parameters to remove. Families ('head', or 'qk' and 'vo') get separate
-budgets, as in the authors' code, since their scores are not on one scale. The removed amount lands
-within half a unit of each family's budget.
+budgets, as in the authors' code, since their scores are not on one scale (`hybrid` puts heads and
+channels on one scale in its single 'mixed' family). A layer's units go in their order, a prefix at
+a time; the removed amount lands within half a unit of each family's budget.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -35,7 +35,7 @@ def global_threshold(candidates: list[Candidates], fraction: float) -> Counts:
     for family, group in _by_family(candidates).items():
         budget = fraction * sum(c.family_params for c in group)
         units = sorted(
-            ((float(cost), c.layer, c.size) for c in group for cost in c.costs.tolist()),
+            ((float(cost), c.layer, size) for c in group for cost, size in zip(c.costs.tolist(), c.sizes)),
             key=lambda unit: unit[0],
         )
         removed = 0
@@ -48,18 +48,26 @@ def global_threshold(candidates: list[Candidates], fraction: float) -> Counts:
 
 
 def local_threshold(candidates: list[Candidates], fraction: float) -> Counts:
-    """The same fraction in every layer; rounding remainders go to the layers closest to a whole unit."""
+    """The same fraction in every layer; rounding remainders go to the layers closest to a whole next unit."""
     counts: Counts = {}
     for family, group in _by_family(candidates).items():
-        exact = {c.layer: fraction * c.family_params / c.size for c in group}
-        for c in group:
-            counts[c.layer, family] = min(math.floor(exact[c.layer]), len(c.costs))
         budget = fraction * sum(c.family_params for c in group)
-        removed = sum(counts[c.layer, family] * c.size for c in group)
-        for c in sorted(group, key=lambda c: exact[c.layer] - math.floor(exact[c.layer]), reverse=True):
-            if removed + c.size / 2 <= budget and counts[c.layer, family] < len(c.costs):
+        removed = 0
+        remainders = []
+        for c in group:
+            layer_budget, count, taken = fraction * c.family_params, 0, 0
+            while count < len(c.sizes) and taken + c.sizes[count] <= layer_budget:
+                taken += c.sizes[count]
+                count += 1
+            counts[c.layer, family] = count
+            removed += taken
+            if count < len(c.sizes):
+                remainders.append(((layer_budget - taken) / c.sizes[count], c))
+        for _, c in sorted(remainders, key=lambda remainder: remainder[0], reverse=True):
+            size = c.sizes[counts[c.layer, family]]
+            if removed + size / 2 <= budget:
                 counts[c.layer, family] += 1
-                removed += c.size
+                removed += size
     return counts
 
 

@@ -17,7 +17,7 @@ def logits(model, batch):
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
-@pytest.mark.parametrize("granularity", ["entire_head", "per_head", "same_channel"])
+@pytest.mark.parametrize("granularity", ["entire_head", "per_head", "same_channel", "variable_per_head", "hybrid"])
 def test_round_trip_gives_identical_outputs(tmp_path, granularity, monkeypatch):
     model, batches = tiny_ast(layers=3), ast_batches()
     prune(model, granularity=granularity, scorer="fisher", threshold="global", amount=0.3, calib=batches)

@@ -76,15 +76,17 @@ def test_fisher_is_the_authors_definition():
     torch.testing.assert_close(scores.qk, expected, rtol=1e-4, atol=1e-9)
 
 
-@pytest.mark.parametrize("granularity", ["entire_head", "per_head", "same_channel"])
+@pytest.mark.parametrize("granularity", ["entire_head", "per_head", "same_channel", "variable_per_head", "hybrid"])
 @pytest.mark.parametrize("threshold", ["global", "local"])
 @pytest.mark.parametrize("amount", [0.1, 0.25, 0.5, 0.7])
 def test_amount_lands_within_one_structure(granularity, threshold, amount):
     model = tiny_ast(layers=3, heads=4, hidden=48)
     dense = attention_params(model)
     prune(model, granularity=granularity, scorer="magnitude", threshold=threshold, amount=amount)
-    # one structure: a head of 12 QK and 12 VO channels, or one QK channel in each of 4 heads
-    structure = 12 * (2 * 48 + 2) + 12 * (2 * 48 + 1) if granularity == "entire_head" else 4 * (2 * 48 + 2)
+    # one structure: a head of 12 QK and 12 VO channels (hybrid's largest unit too), one QK channel in each of
+    # 4 heads, or (variable_per_head) one QK channel
+    head, channel = 12 * (2 * 48 + 2) + 12 * (2 * 48 + 1), 2 * 48 + 2
+    structure = {"entire_head": head, "hybrid": head, "variable_per_head": channel}.get(granularity, 4 * channel)
     removed = dense - attention_params(model)
     assert abs(removed - amount * dense) <= structure, (removed, amount * dense, structure)
     assert attention_sparsity(model) == pytest.approx(removed / dense)
