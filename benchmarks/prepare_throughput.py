@@ -1,7 +1,7 @@
 """Data-prep throughput: `prepare` (Ray, 1 and 2 workers) vs a per-clip ASTFeatureExtractor loop, and the
 memory-mapped shard loader vs features computed on the fly.
 
-    python benchmarks/data_prep.py [--quick]    |    python benchmarks/data_prep.py --from-json FILE
+    python benchmarks/prepare_throughput.py [--quick]    |    python benchmarks/prepare_throughput.py --from-json FILE
 """
 
 from __future__ import annotations
