@@ -27,6 +27,21 @@ def pareto_front(points: Sequence[Point]) -> list[int]:
     return sorted(chosen, key=lambda i: points[i][0])
 
 
+def nondominated_ranks(points: Sequence[Point]) -> list[int]:
+    """Front index of every point under non-dominated sorting: 0 = the Pareto front, 1 = the front
+    once the first is removed, and so on (NSGA-II's sorting; MO-ASHA ranks a rung with it)."""
+    ranks = [-1] * len(points)
+    left = set(range(len(points)))
+    level = 0
+    while left:
+        front = {i for i in left if not any(dominates(points[j], points[i]) for j in left if j != i)}
+        for index in front:
+            ranks[index] = level
+        left -= front
+        level += 1
+    return ranks
+
+
 def hypervolume(points: Sequence[Point], reference: Point = (0.0, 0.0)) -> float:
     """Area dominated by `points` and bounded below by `reference` (sparsity, accuracy)."""
     front = [points[i] for i in pareto_front(points) if points[i][0] > reference[0] and points[i][1] > reference[1]]

@@ -11,6 +11,7 @@ and a trial ASHA stopped is told to Optuna as PRUNED instead of COMPLETE with a 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -22,14 +23,15 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune import ExperimentAnalysis, ResultGrid
-from ray.tune.schedulers import AsyncHyperBandScheduler
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from data_prep.loader import LoaderConfig, read_manifest
 from prune_core.metrics import METRIC_NAME
 from search.report import Report, build_report, collect_points, log_report, print_front, tune_points
-from search.space import SearchConfig, load_config
+from search.schedulers import ParetoAsha
+from search.space import SearchConfig, grid_values, load_config
 from search.tracking import MlflowTracker, experiment_id, fail_fast, parent_run, tracking_uri, tune_events
 from search.trainable import TrialSettings, run_trial
 
@@ -64,15 +66,18 @@ def _distributions(config: SearchConfig) -> dict:
     return space
 
 
-def _searcher(config: SearchConfig, study_name: str, metric: str) -> ConcurrencyLimiter:
+def _searcher(config: SearchConfig, study_name: str, metric: str):
+    """Who proposes trials: Optuna (TPE, NSGA-II if multi-objective, or random) or the full grid."""
     import optuna
 
+    if config.searcher == "grid":  # the grid itself is the param_space (`_param_space`)
+        return BasicVariantGenerator(max_concurrent=config.max_concurrent)
     if config.multi_objective:
         objective = {"metric": [metric, "attention_sparsity"], "mode": ["max", "max"]}
         sampler = optuna.samplers.NSGAIISampler(seed=config.seed)
     else:
         objective = {"metric": "area", "mode": "max"}
-        sampler = optuna.samplers.TPESampler(seed=config.seed)
+        sampler = (optuna.samplers.RandomSampler if config.searcher == "random" else optuna.samplers.TPESampler)(seed=config.seed)
     searcher = StudyAwareOptunaSearch(
         space=_distributions(config),
         points_to_evaluate=[dict(p) for p in config.points_to_evaluate] or None,
@@ -83,15 +88,50 @@ def _searcher(config: SearchConfig, study_name: str, metric: str) -> Concurrency
     return ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent)
 
 
-def _scheduler(config: SearchConfig) -> AsyncHyperBandScheduler:
+def _param_space(config: SearchConfig) -> dict | None:
+    if config.searcher != "grid":
+        return None  # the searcher samples the space
+    return {name: tune.grid_search(values) for name, values in grid_values(config).items()}
+
+
+def _trials(config: SearchConfig) -> int:
+    return math.prod(len(v) for v in grid_values(config).values()) if config.searcher == "grid" else config.trials
+
+
+def _scheduler(config: SearchConfig, metric: str) -> TrialScheduler:
+    """Who stops trials early, at rungs of attention sparsity (in percent)."""
+    max_t = round(100 * config.target_sparsity)
+    if config.scheduler == "none":
+        return FIFOScheduler()
+    if config.scheduler == "pareto_asha":
+        return ParetoAsha("sparsity_pct", (metric, "attention_sparsity"), max_t, config.asha.grace_period,
+                          config.asha.reduction_factor)
     return AsyncHyperBandScheduler(
         time_attr="sparsity_pct",
         metric="area",
         mode="max",
-        max_t=round(100 * config.target_sparsity),
+        max_t=max_t,
         grace_period=config.asha.grace_period,
         reduction_factor=config.asha.reduction_factor,
     )
+
+
+class StepBudget(tune.Stopper):
+    """Ends the search once its trials have run `budget` prune steps together (one result = one step).
+
+    The compute budget the search-efficiency benchmark compares methods at; counted per driver
+    session (a resumed search gets the budget again).
+    """
+
+    def __init__(self, budget: int | None) -> None:
+        self.budget, self.spent = budget, 0
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.spent += 1
+        return False
+
+    def stop_all(self) -> bool:
+        return self.budget is not None and self.spent >= self.budget
 
 
 @dataclass(frozen=True)
@@ -222,8 +262,8 @@ def run(config: SearchConfig, *, address: str | None = None, runs_dir: Path = Pa
         mlflow_experiment,
         search_id,
         {"config": config.source, "baseline": config.baseline, "data": config.data, f"dense_{settings.metric_name}": dense,
-         "target_sparsity": config.target_sparsity, "schedule": config.schedule, "trials": config.trials,
-         "multi_objective": config.multi_objective},
+         "target_sparsity": config.target_sparsity, "schedule": config.schedule, "trials": _trials(config),
+         "multi_objective": config.multi_objective, "searcher": config.searcher, "scheduler": config.scheduler},
     )
     storage = _storage(config.storage)
     state = SearchState(
@@ -239,15 +279,17 @@ def run(config: SearchConfig, *, address: str | None = None, runs_dir: Path = Pa
     _save_state(runs_dir, config.experiment, state)
     tuner = tune.Tuner(
         _trainable(config, settings),
+        param_space=_param_space(config),
         tune_config=tune.TuneConfig(
             search_alg=_searcher(config, search_id, settings.metric_name),
-            scheduler=_scheduler(config),
-            num_samples=config.trials,
+            scheduler=_scheduler(config, settings.metric_name),
+            num_samples=1 if config.searcher == "grid" else config.trials,
             time_budget_s=config.time_budget_s,
         ),
         run_config=tune.RunConfig(
             name=search_id,
             storage_path=storage,
+            stop=StepBudget(config.step_budget),
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
             callbacks=[MlflowTracker(client_uri, mlflow_experiment, parent, search_id)],

@@ -17,6 +17,8 @@ import yaml
 from prune_core import GRANULARITIES, SCORERS, THRESHOLDS
 from prune_core.session import SCHEDULES
 
+SEARCHERS = ("optuna", "random", "grid")  # TPE (or NSGA-II), Optuna's random sampler, every combination
+SCHEDULERS = ("asha", "pareto_asha", "none")  # ASHA on the area, MO-ASHA on (metric, sparsity), no stopping
 SPACE_KEYS = ("granularity", "scorer", "threshold", "step_ratio", "lora_rank", "lora_alpha", "lr", "epochs")
 DISTRIBUTIONS = ("uniform", "loguniform", "int")
 # The paper's strategies, to warm-start Optuna (`points_to_evaluate: paper`).
@@ -85,9 +87,12 @@ class SearchConfig:
     schedule: str = "linear"
     trials: int = 12
     time_budget_s: float | None = None
+    step_budget: int | None = None  # stop the search after this many prune steps, all trials together
     max_concurrent: int = 2
     seed: int = 0
     multi_objective: bool = False
+    searcher: str = "optuna"
+    scheduler: str = "asha"
     points_to_evaluate: tuple[dict, ...] = ()
     eval_split: str = "validation"
     calib_batches: int = 4
@@ -234,8 +239,16 @@ def _validate(config: SearchConfig) -> None:
     for key in ("trials", "max_concurrent", "calib_batches", "latency_repeats"):
         if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
             raise _fail(source, key, f"an integer >= 1, got {getattr(config, key)!r}")
+    if config.step_budget is not None and (not isinstance(config.step_budget, int) or config.step_budget < 1):
+        raise _fail(source, "step_budget", f"an integer >= 1 (prune steps over all trials), or leave it out; got {config.step_budget!r}")
     if config.time_budget_s is not None and config.time_budget_s <= 0:
         raise _fail(source, "time_budget_s", "seconds > 0, or leave it out")
+    if config.searcher not in SEARCHERS:
+        raise _fail(source, "searcher", f"one of {list(SEARCHERS)}, got {config.searcher!r}")
+    if config.scheduler not in SCHEDULERS:
+        raise _fail(source, "scheduler", f"one of {list(SCHEDULERS)}, got {config.scheduler!r}")
+    if config.searcher == "grid" and (config.multi_objective or config.points_to_evaluate):
+        raise _fail(source, "searcher", "grid runs every combination of the listed choices: drop multi_objective and points_to_evaluate")
     if config.eval_split not in ("train", "validation", "test"):
         raise _fail(source, "eval_split", f"one of train, validation, test; got {config.eval_split!r}")
     if config.resources.cpu <= 0 or config.resources.gpu < 0:
@@ -258,6 +271,13 @@ def _validate(config: SearchConfig) -> None:
             param = choices[key]
             if param.choices is not None and value not in param.choices:
                 raise _fail(source, f"points_to_evaluate[{index}].{key}", f"{value!r} is not among the choices {list(param.choices)}")
+
+
+def grid_values(config: SearchConfig) -> dict[str, list]:
+    """The values `searcher: grid` runs every combination of: the listed choices; a distribution
+    is held at its warm-start value (the authors' setting where the range allows it)."""
+    fixed = _complete({}, tuple(p for p in config.space if p.choices is None))
+    return {p.name: list(p.choices) if p.choices is not None else [fixed[p.name]] for p in config.space}
 
 
 def steps_to_target(ratio: float, target: float, schedule: str) -> int:

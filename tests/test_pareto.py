@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from search.pareto import dominates, hypervolume, normalized_area, pareto_front
+from search.pareto import dominates, hypervolume, nondominated_ranks, normalized_area, pareto_front
 
 
 def test_dominates():
@@ -39,3 +39,43 @@ def test_normalized_area_by_hand():
     assert normalized_area([(0.0, 1.0), (1.0, 1.0)], target=0.5) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         normalized_area([(0.0, 1.0)], target=0.0)
+
+
+def test_nondominated_ranks_by_hand():
+    points = [(0.1, 0.9), (0.2, 0.8), (0.1, 0.8), (0.3, 0.5), (0.05, 0.7), (0.2, 0.8)]
+    # front 0: (0.1, 0.9), (0.2, 0.8) twice (equal points do not dominate each other), (0.3, 0.5)
+    # front 1: (0.1, 0.8); front 2: (0.05, 0.7)
+    assert nondominated_ranks(points) == [0, 0, 1, 0, 2, 0]
+    assert nondominated_ranks([]) == []
+
+
+def test_pareto_asha_ranks_a_rung_by_fronts():
+    from ray.tune.schedulers import TrialScheduler
+
+    from search.schedulers import ParetoAsha
+
+    scheduler = ParetoAsha("sparsity_pct", ("accuracy", "attention_sparsity"), max_t=50, grace_period=10, reduction_factor=2)
+    assert [m for m, _ in scheduler.rungs] == [40, 20, 10]
+    go, stop = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    assert scheduler.decide("a", 10, (0.90, 0.10)) == go  # alone at the rung
+    # b is not dominated by a (both on front 0), but only 1 of 2 goes on: a front's ties go to accuracy
+    assert scheduler.decide("b", 12, (0.85, 0.12)) == stop
+    # rung 10 now has a (0.90, 0.10), b (0.85, 0.12); c is dominated by both: front 1, 3rd of 3, 2 kept
+    assert scheduler.decide("c", 10, (0.80, 0.10)) == stop
+    # d dominates everyone: first of 4
+    assert scheduler.decide("d", 13, (0.95, 0.13)) == go
+    # a trial that skips rungs is judged at the highest it reached, once
+    assert scheduler.decide("e", 25, (0.5, 0.25)) == go and scheduler.decide("e", 26, (0.4, 0.26)) == go
+    assert "e" in scheduler.rungs[1][1] and "e" not in scheduler.rungs[2][1]
+
+
+def test_pareto_asha_keeps_the_less_accurate_but_sparser_trial():
+    from ray.tune.schedulers import TrialScheduler
+
+    from search.schedulers import ParetoAsha
+
+    scheduler = ParetoAsha("sparsity_pct", ("accuracy", "attention_sparsity"), max_t=50, grace_period=10, reduction_factor=3)
+    for name, point in {"a": (0.9, 0.10), "b": (0.89, 0.10), "c": (0.88, 0.10)}.items():
+        scheduler.decide(name, 10, point)
+    # ASHA on accuracy alone would stop it (worst of 4); it is on the front (sparsest): kept in the top 2
+    assert scheduler.decide("sparse", 15, (0.80, 0.15)) == TrialScheduler.CONTINUE

@@ -280,3 +280,46 @@ def test_an_unreachable_tracking_server_fails_before_ray_starts(workspace, tmp_p
     assert done.returncode == 2, done.stderr[-2000:]
     assert "MLflow tracking at http://127.0.0.1:" in done.stderr and "unreachable" in done.stderr
     assert "Started a local Ray instance" not in done.stderr + done.stdout
+
+
+def test_grid_search_runs_every_combination(workspace, monkeypatch):
+    """searcher: grid runs the listed choices' product once each (here under the Pareto-aware ASHA)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = workspace / "runs"
+    space = {"granularity": ["entire_head", "per_head"], "scorer": ["magnitude"], "threshold": ["global", "local"],
+             "lora_rank": 2, "lr": {"loguniform": [1.0e-4, 1.0e-2]}}
+    path = search_config(workspace, "grid", searcher="grid", scheduler="pareto_asha", points_to_evaluate=[], space=space,
+                         asha={"grace_period": 20, "reduction_factor": 4})
+    config = load_config(path)
+    assert run(config, runs_dir=runs) == 0
+    client, parents, children = child_runs(runs, "grid")
+    combos = sorted((c.data.tags["granularity"], c.data.tags["threshold"]) for c in children)
+    assert combos == [("entire_head", "global"), ("entire_head", "local"), ("per_head", "global"), ("per_head", "local")]
+    assert {c.data.params["lr"] for c in children} == {str(1.0e-4)}, "a distribution is held at the authors' lr"
+    assert parents[0].data.params["scheduler"] == "pareto_asha"
+
+
+def test_searcher_and_scheduler_are_validated(tmp_path):
+    with pytest.raises(ConfigError, match=r"searcher: one of \['optuna', 'random', 'grid'\]"):
+        load_config(search_config(tmp_path, "s", searcher="bayes"))
+    with pytest.raises(ConfigError, match=r"scheduler: one of"):
+        load_config(search_config(tmp_path, "s", scheduler="hyperband"))
+    with pytest.raises(ConfigError, match=r"searcher: grid runs every combination"):
+        load_config(search_config(tmp_path, "s", searcher="grid"))  # points_to_evaluate: paper
+
+
+@pytest.mark.parametrize("name", ["paper_speechcommands", "paper_audioset"])
+def test_paper_configs_are_the_authors_grid(name):
+    from search.runner import _settings, _trials
+    from search.trainable import session_config
+
+    config = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert (config.searcher, config.scheduler, _trials(config)) == ("grid", "none", 12)
+    values = {p.name: p.choices for p in config.space}
+    assert values["scorer"] == ("magnitude", "fisher") and values["threshold"] == ("global", "local")
+    settings = _settings(config, {"task": "single_label"}, dense=0.98)
+    point = {"granularity": "per_head", "scorer": "fisher", "threshold": "global", "step_ratio": 0.1, "lora_rank": 16,
+             "lora_alpha": 16, "lr": 1e-4, "epochs": 1}
+    session = session_config(point, settings)
+    assert session.steps == 10 and session.schedule == "compound"
+    assert (session.lora.rank, session.lora.alpha, session.lora.lr, session.lora.target_modules) == (16, 16.0, 1e-4, "all_linear")
