@@ -323,3 +323,10 @@ def test_paper_configs_are_the_authors_grid(name):
     session = session_config(point, settings)
     assert session.steps == 10 and session.schedule == "compound"
     assert (session.lora.rank, session.lora.alpha, session.lora.lr, session.lora.target_modules) == (16, 16.0, 1e-4, "all_linear")
+
+
+def test_the_demo_config_is_valid():
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    granularities = next(p.choices for p in config.space if p.name == "granularity")
+    assert {"hybrid", "variable_per_head"} <= set(granularities)
+    assert (config.searcher, config.scheduler) == ("optuna", "asha")

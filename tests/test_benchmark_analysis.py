@@ -1,0 +1,49 @@
+"""The analysis of the search-efficiency and paper-proxy benchmarks, on hand-made results."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.paper_proxy import compare, layer_summary
+from benchmarks.search_efficiency import hypervolume_curve, summarize
+
+
+def test_hypervolume_curve_grows_with_the_steps_in_order():
+    points = [(0.1, 0.9), (0.2, 0.85), (0.1, 0.8), (0.3, 0.9)]
+    curve = hypervolume_curve(points, (0.0, 0.8))
+    assert curve == pytest.approx([0.01, 0.01 + 0.1 * 0.05, 0.015, 0.03])
+
+
+def test_summary_counts_steps_to_reach_95_percent_of_the_best():
+    runs = [
+        {"method": "fast", "seed": 0, "dense": 0.9, "seconds": 10, "points": [(0.3, 0.9), (0.5, 0.9)]},
+        {"method": "slow", "seed": 0, "dense": 0.9, "seconds": 20, "points": [(0.1, 0.9), (0.2, 0.9), (0.3, 0.9), (0.5, 0.9)]},
+    ]
+    summary = summarize(runs, budget=3)
+    # reference (0, 0.8); best final = 0.5 * 0.1 (fast); slow stops at 3 steps: 0.3 * 0.1 < 95%
+    assert summary["best_final_hypervolume"] == pytest.approx(0.05)
+    assert summary["methods"]["fast"]["median_steps_to_reach"] == 2
+    assert summary["methods"]["slow"]["median_steps_to_reach"] is None and summary["methods"]["slow"]["reached"] == "0/1"
+    assert summary["methods"]["slow"]["median_steps_run"] == 3
+
+
+def row(granularity, scorer, threshold, test, seed=0):
+    return {"granularity": granularity, "scorer": scorer, "threshold": threshold, "validation": test, "test": test, "seed": seed}
+
+
+def test_paper_questions_pair_strategies_that_differ_in_one_factor():
+    rows = [
+        row("entire_head", "fisher", "global", 0.90), row("entire_head", "magnitude", "global", 0.85),
+        row("per_head", "fisher", "global", 0.88), row("per_head", "magnitude", "global", 0.89),
+        row("entire_head", "fisher", "local", 0.80), row("per_head", "fisher", "local", 0.86),
+    ]
+    answers = {a["question"]: a for a in compare(rows)}
+    fisher = answers["Fisher beats magnitude"]
+    assert fisher["pairs"] == 2 and fisher["test_wins"] == "1/2 (ties 0)"
+    assert fisher["test_mean_diff"] == pytest.approx((0.05 - 0.01) / 2) and fisher["verdict"] == "unclear (within noise)"
+    assert answers["global beats local"]["pairs"] == 2 and answers["global beats local"]["verdict"] == "yes"
+    heads = answers["entire head beats channel pruning"]
+    assert heads["pairs"] == 3  # (fisher, global), (magnitude, global), (fisher, local) against per_head
+    summary = layer_summary([{"strategy": "a", "scorer": "fisher", "layers": [0.2, 0.6]},
+                             {"strategy": "a", "scorer": "fisher", "layers": [0.4, 0.2]}])
+    assert summary == [{"strategy": "a", "mean_layer_sparsity": pytest.approx([0.3, 0.4]), "most_pruned_layer": 1}]
