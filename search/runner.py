@@ -5,7 +5,10 @@ and its metric the normalized area under the accuracy–sparsity curve, so trial
 ratios are compared at the same sparsity. Optuna optimizes the same final area, or with
 `multi_objective: true` the pair (accuracy, attention sparsity); metric and mode are then given to
 the searcher and the scheduler separately (a TuneConfig metric would make the study single-objective),
-and a trial ASHA stopped is told to Optuna as PRUNED instead of COMPLETE with a partial result.
+and a trial stopped early is told to Optuna as PRUNED instead of COMPLETE with a partial result.
+`searcher` (optuna, random, grid) and `scheduler` (asha, pareto_asha, none) swap either side, and
+`step_budget` caps the prune steps of the whole search, so the methods can be compared at equal cost.
+Tune's stored results are the record of truth; MLflow is kept complete from them (`_report`).
 """
 
 from __future__ import annotations
