@@ -120,21 +120,25 @@ def _scheduler(config: SearchConfig, metric: str) -> TrialScheduler:
 
 
 class StepBudget(tune.Stopper):
-    """Ends the search once its trials have run `budget` prune steps together (one result = one step).
+    """Ends the search once its trials have run `budget` prune steps together.
 
-    The compute budget the search-efficiency benchmark compares methods at; counted per driver
-    session (a resumed search gets the budget again).
+    Steps are counted as distinct (trial, step) pairs: Tune hands a finished function trainable's
+    last result to stoppers a second time, and a restored trial may repeat a step's report. The
+    count is per driver session (a resumed search gets the budget again); it is the compute budget
+    the search-efficiency benchmark compares methods at.
     """
 
     def __init__(self, budget: int | None) -> None:
-        self.budget, self.spent = budget, 0
+        self.budget = budget
+        self.steps: set[tuple[str, int]] = set()
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        self.spent += 1
+        if result.get("step") is not None:
+            self.steps.add((trial_id, int(result["step"])))
         return False
 
     def stop_all(self) -> bool:
-        return self.budget is not None and self.spent >= self.budget
+        return self.budget is not None and len(self.steps) >= self.budget
 
 
 @dataclass(frozen=True)

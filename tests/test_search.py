@@ -330,3 +330,13 @@ def test_the_demo_config_is_valid():
     granularities = next(p.choices for p in config.space if p.name == "granularity")
     assert {"hybrid", "variable_per_head"} <= set(granularities)
     assert (config.searcher, config.scheduler) == ("optuna", "asha")
+
+
+def test_the_step_budget_counts_each_prune_step_once():
+    from search.runner import StepBudget
+
+    budget = StepBudget(3)
+    for trial, step in [("a", 1), ("a", 2), ("a", 2), ("b", 1)]:  # a's last result comes again when it ends
+        assert budget(trial, {"step": step}) is False
+        assert budget.stop_all() == (len(budget.steps) >= 3)
+    assert budget.stop_all() and not StepBudget(None).stop_all()
