@@ -141,7 +141,9 @@ def layer_summary(layers: list[dict]) -> list[dict]:
     summary = []
     for strategy, profiles in sorted(by_strategy.items()):
         mean = [statistics.fmean(values) for values in zip(*profiles)]
-        summary.append({"strategy": strategy, "mean_layer_sparsity": mean, "most_pruned_layer": mean.index(max(mean))})
+        uniform = max(mean) - min(mean) < 0.01  # a local threshold cuts every layer alike: no layer stands out
+        summary.append({"strategy": strategy, "mean_layer_sparsity": mean,
+                        "most_pruned_layer": None if uniform else mean.index(max(mean))})
     return summary
 
 
@@ -184,7 +186,8 @@ def tables(results: dict) -> str:
                      f"{_pts(a['test_mean_diff'])} | {a['test_wins']} | {a['verdict']} |")
     lines += ["", "| strategy | most pruned layer | per-layer sparsity |", "|---|---|---|"]
     for s in results["layers"]:
-        lines.append(f"| {s['strategy']} | {s['most_pruned_layer']} | {' '.join(f'{v:.2f}' for v in s['mean_layer_sparsity'])} |")
+        most = "all alike" if s["most_pruned_layer"] is None else s["most_pruned_layer"]
+        lines.append(f"| {s['strategy']} | {most} | {' '.join(f'{v:.2f}' for v in s['mean_layer_sparsity'])} |")
     return "\n".join(lines)
 
 
