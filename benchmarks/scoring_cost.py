@@ -6,10 +6,8 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -20,6 +18,7 @@ import torch
 import transformers
 from torch import nn
 
+from latency import environment, tokens_of
 from prune_core import SCORERS, attention_params, attention_sites, build_ast, total_params
 from prune_core.batches import Batch, default_loss, to_device
 
@@ -138,28 +137,6 @@ def bench_size(size: str, args: argparse.Namespace, device: torch.device) -> dic
         "attention_params": attention_params(model), "batches": batches, "batch_size": batch_size, **result,
         "loadavg_1min": {"before": before, "after": os.getloadavg()[0]},
     }
-
-
-def tokens_of(model: nn.Module) -> int:
-    return model.audio_spectrogram_transformer.embeddings.position_embeddings.shape[1]
-
-
-def environment(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device.type, "device_name": name, "torch": torch.__version__,
-        "transformers": transformers.__version__, "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-    }
-
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
 
 
 HEADER = ("size", "tokens", "calibration", "pass", "median s", "min s", "x fwd+bwd")

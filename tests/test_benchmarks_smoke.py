@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import sys
 from pathlib import Path
 
 from prune_core import SCORERS
@@ -14,6 +15,9 @@ PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "scoring_cost.py"
 
 
 def load_benchmark():
+    """Load the script as `python benchmarks/scoring_cost.py` runs it: benchmarks/ first on sys.path."""
+    if str(PATH.parent) not in sys.path:
+        sys.path.insert(0, str(PATH.parent))
     spec = importlib.util.spec_from_file_location("scoring_cost", PATH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -33,7 +37,7 @@ def test_scoring_cost_times_every_scorer_against_one_forward_backward():
 
 
 def test_scoring_cost_demo_size_mirrors_the_baseline():
-    """The benchmark mirrors the demo baseline's size (it cannot import search.baseline); keep them equal."""
+    """The benchmark mirrors the demo baseline's size (to keep Ray out of it); keep them equal."""
     model = load_benchmark().SIZES["demo"]["model"]
     demo = dataclasses.asdict(BaselineConfig())
     assert {key: model[key] for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size")} == {
