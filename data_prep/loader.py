@@ -22,7 +22,7 @@ from torch.utils.data import default_collate, get_worker_info
 MANIFEST = "manifest.json"
 CACHE_DIR = ".arrow-cache"
 CACHE_VERSION = "1"  # bump when the cache layout changes, so old caches are rebuilt
-DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+DTYPES = {"float16": pa.float16(), "float32": pa.float32(), "int32": pa.int32()}  # int32: token ids
 TASKS = ("single_label", "multi_label")
 CONVERT_BATCH_BYTES = 64 << 20  # bounds memory while converting one shard
 
@@ -41,6 +41,14 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
+def input_spec(manifest: dict) -> tuple[str, tuple[int, ...]]:
+    """The model input a data set fills: its keyword (`input_values`, `pixel_values`, `input_ids`) and the
+    shape of one sample. Manifests written before the key existed are AST features [max_length, mel bins]."""
+    features = manifest["features"]
+    shape = features.get("shape") or [features["max_length"], features["num_mel_bins"]]
+    return features.get("input_key", "input_values"), tuple(int(n) for n in shape)
+
+
 def _label_column(task: str) -> str:
     return "label" if task == "single_label" else "labels"
 
@@ -48,7 +56,7 @@ def _label_column(task: str) -> str:
 def _expected_fields(manifest: dict) -> dict[str, pa.DataType]:
     """The shard columns the manifest implies (the loader reads only the label and the features)."""
     features = manifest["features"]
-    size = features["max_length"] * features["num_mel_bins"]
+    size = int(np.prod(input_spec(manifest)[1]))
     label = pa.int32() if manifest["task"] == "single_label" else pa.list_(pa.int32())
     return {
         "id": pa.string(),
@@ -109,14 +117,15 @@ def _map(path: Path) -> list[pa.RecordBatch]:
         source.close()
 
 
-def _features_view(batch: pa.RecordBatch, time: int, mel: int) -> np.ndarray:
-    """[rows, T, F] numpy view of the mapped features: zero-copy, so nothing is decoded or read until used."""
-    return batch.column("features").flatten().to_numpy(zero_copy_only=True).reshape(-1, time, mel)
+def _features_view(batch: pa.RecordBatch, shape: tuple[int, ...]) -> np.ndarray:
+    """[rows, *shape] numpy view of the mapped features: zero-copy, so nothing is decoded or read until used."""
+    return batch.column("features").flatten().to_numpy(zero_copy_only=True).reshape(-1, *shape)
 
 
 class ShardDataset(Dataset):
-    """One split of a prepared data set: {"input_values": float32 [T, F] normalized, "labels": class id
-    (LongTensor scalar) or multi-hot FloatTensor [num_classes]}.
+    """One split of a prepared data set: {input key: the sample, "labels": class id (LongTensor scalar) or
+    multi-hot FloatTensor [num_classes]}. The input is float32 normalized (AST features [T, F] as
+    `input_values`, images as `pixel_values`) or int64 token ids (`input_ids`), as the manifest says.
 
     Each Parquet shard is converted once to an Arrow file under `<root>/.arrow-cache/` and memory-mapped;
     an item is a copy of one mapped row, so epochs decode nothing and the set need not fit in RAM.
@@ -129,15 +138,18 @@ class ShardDataset(Dataset):
         splits = self.manifest["splits"]
         if split not in splits:
             raise ValueError(f"{self.root / MANIFEST} has no split {split!r}; known splits: {sorted(splits)}")
-        features = self.manifest["features"]
-        self._shape = (features["max_length"], features["num_mel_bins"])
+        self.input_key, self._shape = input_spec(self.manifest)
+        self.tokens = self.manifest["features"]["dtype"] == "int32"
         norm = self.manifest["normalization"]
-        self._shift, self._scale = (float(norm["mean"]), 2.0 * float(norm["std"])) if normalize else (0.0, 1.0)
+        if normalize and norm.get("kind") != "none":
+            self._shift, self._scale = float(norm["mean"]), 2.0 * float(norm["std"])
+        else:
+            self._shift, self._scale = 0.0, 1.0
         self._caches = [self._cached(shard) for shard in splits[split]["shards"]]
         batches = [batch for path in self._caches for batch in _map(path)]
         self._load_targets(batches)
         self._starts = np.cumsum([0] + [batch.num_rows for batch in batches])
-        self._views: list[np.ndarray] | None = [_features_view(b, *self._shape) for b in batches]
+        self._views: list[np.ndarray] | None = [_features_view(b, self._shape) for b in batches]
         if len(self) != splits[split]["rows"]:
             expected = splits[split]["rows"]
             raise ValueError(f"{self.root / MANIFEST} says split {split!r} has {expected} rows, its shards hold {len(self)}")
@@ -197,10 +209,13 @@ class ShardDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         index %= len(self)
         chunk = int(np.searchsorted(self._starts, index, side="right")) - 1
-        values = self._mapped()[chunk][index - self._starts[chunk]].astype(np.float32)
+        row = self._mapped()[chunk][index - self._starts[chunk]]
+        if self.tokens:
+            return {self.input_key: torch.from_numpy(row.astype(np.int64)), "labels": self._target(index)}
+        values = row.astype(np.float32)
         values -= self._shift
         values /= self._scale
-        return {"input_values": torch.from_numpy(values), "labels": self._target(index)}
+        return {self.input_key: torch.from_numpy(values), "labels": self._target(index)}
 
     def _target(self, index: int) -> torch.Tensor:
         ids = self._label_ids[self._offsets[index] : self._offsets[index + 1]]
@@ -213,7 +228,7 @@ class ShardDataset(Dataset):
     def _mapped(self) -> list[np.ndarray]:
         """The feature views, re-mapped after unpickling (in a spawned DataLoader worker)."""
         if self._views is None:
-            self._views = [_features_view(batch, *self._shape) for path in self._caches for batch in _map(path)]
+            self._views = [_features_view(batch, self._shape) for path in self._caches for batch in _map(path)]
         return self._views
 
     def __getstate__(self) -> dict:
@@ -259,10 +274,11 @@ class TrainCollate:
     new each epoch), so a run is reproducible for a seed.
     """
 
-    def __init__(self, config: LoaderConfig, task: str, num_classes: int) -> None:
+    def __init__(self, config: LoaderConfig, task: str, num_classes: int, input_key: str = "input_values") -> None:
         self.config = config
         self.task = task
         self.num_classes = num_classes
+        self.input_key = input_key
         self._rng: np.random.Generator | None = None
         self._rng_seed: int | None = None
 
@@ -272,7 +288,7 @@ class TrainCollate:
         if self.config.mixup > 0:
             batch = self._mixup(batch, rng)
         if self.config.spec_augment:
-            batch["input_values"] = self._spec_augment(batch["input_values"], rng)
+            batch[self.input_key] = self._spec_augment(batch[self.input_key], rng)
         return batch
 
     def _generator(self) -> np.random.Generator:
@@ -290,9 +306,9 @@ class TrainCollate:
         targets = batch["labels"]
         if self.task == "single_label":
             targets = nn.functional.one_hot(targets, self.num_classes).float()
-        values = batch["input_values"]
+        values = batch[self.input_key]
         return {
-            "input_values": lam * values + (1 - lam) * values[perm],
+            self.input_key: lam * values + (1 - lam) * values[perm],
             "labels": lam * targets + (1 - lam) * targets[perm],
         }
 
@@ -332,6 +348,8 @@ def make_loader(root: str | Path, split: str, config: LoaderConfig, *, train: bo
     dataset = ShardDataset(root, split)
     if len(dataset) == 0:
         raise ValueError(f"split {split!r} of {root} has no rows to load")
+    if train:
+        _check_augmentation(config, dataset)
     if not train:
         return DataLoader(
             dataset, batch_size=config.eval_batch_size or config.batch_size, sampler=SequentialSampler(dataset),
@@ -344,12 +362,21 @@ def make_loader(root: str | Path, split: str, config: LoaderConfig, *, train: bo
         sampler = RandomSampler(dataset, generator=generator)
     return DataLoader(
         dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
-        collate_fn=TrainCollate(config, dataset.task, dataset.num_classes), generator=generator,
+        collate_fn=TrainCollate(config, dataset.task, dataset.num_classes, dataset.input_key), generator=generator,
     )
 
 
+def _check_augmentation(config: LoaderConfig, dataset: ShardDataset) -> None:
+    """SpecAugment masks spectrogram bands and mixup blends inputs: refuse them where that means nothing."""
+    where = f"{Path(dataset.root) / MANIFEST} ({dataset.input_key})"
+    if config.spec_augment and dataset.input_key != "input_values":
+        raise ValueError(f"loader.spec_augment applies to spectrograms (input_values), not to {where}; turn it off")
+    if config.mixup > 0 and dataset.tokens:
+        raise ValueError(f"loader.mixup cannot blend token ids of {where}; set it to 0")
+
+
 def soft_target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Loss from `model(input_values=...).logits` that takes mixup's soft targets (a `LossFn`).
+    """Loss from the model's logits on the batch's inputs that takes mixup's soft targets (a `LossFn`).
 
     transformers' own loss cannot: with problem_type 'single_label_classification' it flattens [B, C]
     targets into a shape error, and with problem_type unset it silently switches the model to BCE (and
@@ -357,7 +384,7 @@ def soft_target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     cross entropy with probabilities (single-label) or BCE with logits (multi-label), told apart by
     `model.config.problem_type`, which must then be set.
     """
-    logits = model(input_values=batch["input_values"]).logits
+    logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
     labels = batch["labels"].to(logits.device)
     if not labels.is_floating_point():
         return nn.functional.cross_entropy(logits, labels)

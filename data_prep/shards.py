@@ -83,7 +83,8 @@ def plan_shards(listing: Listing, config: PrepareConfig) -> list[ShardSpec]:
     return specs
 
 
-def _schema(task: str, dtype: str, size: int) -> pa.Schema:
+def shard_schema(task: str, dtype: str, size: int) -> pa.Schema:
+    """The columns of a shard: `size` features per row flattened into a fixed-size list."""
     label = pa.field("label", pa.int32()) if task == "single_label" else pa.field("labels", pa.list_(pa.int32()))
     return pa.schema(
         [
@@ -129,7 +130,7 @@ def write_shard(spec: ShardSpec, out: Path, task: str, features: FeatureParams, 
     target = out / spec.name
     target.parent.mkdir(parents=True, exist_ok=True)
     if rows["id"]:
-        schema = _schema(task, dtype, features.max_length * features.num_mel_bins)
+        schema = shard_schema(task, dtype, features.max_length * features.num_mel_bins)
         columns = {("label" if task == "single_label" else "labels") if k == "label" else k: v for k, v in rows.items()}
         columns["features"] = pa.FixedSizeListArray.from_arrays(
             pa.array(np.concatenate(rows["features"]), type=DTYPES[dtype]), features.max_length * features.num_mel_bins
@@ -226,6 +227,16 @@ def _normalization(config: PrepareConfig, train: RunningStats) -> dict:
     return {"kind": config.normalization, "mean": mean, "std": std}
 
 
+def content_hash(out: Path, splits: dict) -> str:
+    """sha256 over every shard's name and bytes, split by split: what a cached baseline is keyed on."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        for name in splits[split]["shards"]:
+            digest.update(name.encode())
+            digest.update(hashlib.sha256((out / name).read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def _manifest(config: PrepareConfig, listing: Listing, specs: list[ShardSpec], done: dict, seconds: float) -> dict:
     train = RunningStats()
     for spec in specs:
@@ -236,23 +247,23 @@ def _manifest(config: PrepareConfig, listing: Listing, specs: list[ShardSpec], d
     for split in SPLITS:
         names = [spec.name for spec in specs if spec.split == split and done[spec.name]["rows"]]
         splits[split] = {"rows": sum(done[name]["rows"] for name in names), "shards": names}
-    digest = hashlib.sha256()
-    for split in SPLITS:
-        for name in splits[split]["shards"]:
-            digest.update(name.encode())
-            digest.update(hashlib.sha256((config.out / name).read_bytes()).digest())
     return {
         "source": listing.source,
         "task": listing.task,
         "labels": list(listing.labels),
-        "features": {**config.features.to_dict(), "dtype": config.dtype},
+        "features": {
+            **config.features.to_dict(),
+            "input_key": "input_values",
+            "shape": [config.features.max_length, config.features.num_mel_bins],
+            "dtype": config.dtype,
+        },
         "normalization": _normalization(config, train),
         "splits": splits,
         "quarantined": quarantined,
         "notes": list(listing.notes),
         "input": str(config.input),
         "seconds": round(seconds, 1),
-        "content_hash": digest.hexdigest(),
+        "content_hash": content_hash(config.out, splits),
     }
 
 

@@ -7,7 +7,7 @@ from prune_core.accounting import attention_params, attention_sparsity, macs_per
 from prune_core.adapters import UnsupportedModelError, attention_sites
 from prune_core.granularities import GRANULARITIES
 from prune_core.io import load_pruned, save_pruned
-from prune_core.models import build_ast, load_model
+from prune_core.models import build_ast, build_bert, build_vit, load_model
 from prune_core.pruning import plan_pruning, prune
 from prune_core.scorers import SCORERS, register
 from prune_core.thresholds import THRESHOLDS
@@ -21,6 +21,8 @@ __all__ = [
     "attention_sparsity",
     "attention_sites",
     "build_ast",
+    "build_bert",
+    "build_vit",
     "load_model",
     "load_pruned",
     "macs_per_sample",

@@ -1,4 +1,4 @@
-"""Loading checkpoints, and building small models from scratch (the demo model, test models)."""
+"""Loading checkpoints, and building small models from scratch (the demo AST; ViT and BERT for transfer)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,69 @@ def build_ast(
         num_labels=num_labels,
         problem_type="multi_label_classification" if multi_label else "single_label_classification",
     )
+    _name_labels(config, labels)
+    return transformers.ASTForAudioClassification(config)
+
+
+def build_vit(
+    *,
+    num_labels: int,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    intermediate_size: int = 256,
+    image_size: int = 16,
+    num_channels: int = 3,
+    patch_size: int = 4,
+    labels: list[str] | None = None,
+) -> transformers.ViTForImageClassification:
+    """A randomly initialised ViT classifier (no dropout: small synthetic tasks, trained from scratch)."""
+    config = transformers.ViTConfig(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        image_size=image_size,
+        patch_size=patch_size,
+        num_channels=num_channels,
+        num_labels=num_labels,
+        problem_type="single_label_classification",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    _name_labels(config, labels)
+    return transformers.ViTForImageClassification(config)
+
+
+def build_bert(
+    *,
+    num_labels: int,
+    vocab_size: int,
+    max_length: int,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    intermediate_size: int = 256,
+    labels: list[str] | None = None,
+) -> transformers.BertForSequenceClassification:
+    """A randomly initialised BERT sequence classifier (no dropout, as `build_vit`)."""
+    config = transformers.BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_length,
+        num_labels=num_labels,
+        problem_type="single_label_classification",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    _name_labels(config, labels)
+    return transformers.BertForSequenceClassification(config)
+
+
+def _name_labels(config: transformers.PretrainedConfig, labels: list[str] | None) -> None:
     if labels is not None:
         config.id2label = dict(enumerate(labels))
         config.label2id = {label: index for index, label in enumerate(labels)}
-    return transformers.ASTForAudioClassification(config)

@@ -1,4 +1,5 @@
-"""The dense baseline a search prunes: a small AST trained from scratch, or a pretrained AST fine-tuned.
+"""The dense baseline a search prunes: a small model trained from scratch (an AST on spectrograms, a ViT on
+images, a BERT on token ids: the data's input decides), or a pretrained checkpoint fine-tuned.
 
 Training is cached: a baseline folder whose record matches the data's content hash and the settings
 is reused as it is.
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from data_prep.loader import LoaderConfig, make_loader, read_manifest, soft_target_loss
-from prune_core import build_ast, load_model, total_params
+from data_prep.loader import LoaderConfig, input_spec, make_loader, read_manifest, soft_target_loss
+from prune_core import build_ast, build_bert, build_vit, load_model, total_params
 from prune_core.batches import to_device
 from prune_core.metrics import METRIC_NAME, evaluate
 
@@ -50,27 +51,57 @@ class BaselineConfig:
             raise ValueError(f"baseline lr must be in (0, 1) and warmup in [0, 1); got {self.lr}, {self.warmup}")
 
 
-def _model(config: BaselineConfig, manifest: dict) -> torch.nn.Module:
+def _ast(config: BaselineConfig, manifest: dict) -> torch.nn.Module:
+    time, mel = input_spec(manifest)[1]
+    return build_ast(
+        num_labels=len(manifest["labels"]), hidden_size=config.hidden_size, num_layers=config.num_layers,
+        num_heads=config.num_heads, intermediate_size=config.intermediate_size, num_mel_bins=mel, max_length=time,
+        multi_label=manifest["task"] == "multi_label", labels=manifest["labels"],
+    )
+
+
+def _vit(config: BaselineConfig, manifest: dict) -> torch.nn.Module:
+    channels, height, width = input_spec(manifest)[1]
+    if height != width:
+        raise ValueError(f"the ViT baseline needs square images; the data's features.shape is {[channels, height, width]}")
+    return build_vit(
+        num_labels=len(manifest["labels"]), hidden_size=config.hidden_size, num_layers=config.num_layers,
+        num_heads=config.num_heads, intermediate_size=config.intermediate_size, image_size=height,
+        num_channels=channels, labels=manifest["labels"],
+    )
+
+
+def _bert(config: BaselineConfig, manifest: dict) -> torch.nn.Module:
+    (length,) = input_spec(manifest)[1]
+    return build_bert(
+        num_labels=len(manifest["labels"]), vocab_size=manifest["features"]["vocab_size"], max_length=length,
+        hidden_size=config.hidden_size, num_layers=config.num_layers, num_heads=config.num_heads,
+        intermediate_size=config.intermediate_size, labels=manifest["labels"],
+    )
+
+
+# The model trained from scratch for each kind of input a data set can hold.
+FAMILIES = {"input_values": _ast, "pixel_values": _vit, "input_ids": _bert}
+
+
+def _model(config: BaselineConfig, manifest: dict, data: Path) -> torch.nn.Module:
     labels = manifest["labels"]
-    multi = manifest["task"] == "multi_label"
+    key = input_spec(manifest)[0]
     if config.init:
         model = load_model(config.init, num_labels=len(labels), ignore_mismatched_sizes=True)
+        if model.main_input_name != key:
+            raise ValueError(
+                f"--init {config.init} takes {model.main_input_name}, but {data} holds {key}: fine-tune a checkpoint "
+                "of the data's modality"
+            )
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {label: i for i, label in enumerate(labels)}
+        multi = manifest["task"] == "multi_label"
         model.config.problem_type = "multi_label_classification" if multi else "single_label_classification"
         return model
-    features = manifest["features"]
-    return build_ast(
-        num_labels=len(labels),
-        hidden_size=config.hidden_size,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        intermediate_size=config.intermediate_size,
-        num_mel_bins=features["num_mel_bins"],
-        max_length=features["max_length"],
-        multi_label=multi,
-        labels=labels,
-    )
+    if key not in FAMILIES:
+        raise ValueError(f"{data}: no model is trained from scratch on {key!r} inputs; known: {sorted(FAMILIES)}")
+    return FAMILIES[key](config, manifest)
 
 
 def train_baseline(data: str | Path, out: str | Path, config: BaselineConfig = BaselineConfig()) -> dict:
@@ -93,7 +124,7 @@ def train_baseline(data: str | Path, out: str | Path, config: BaselineConfig = B
     train = make_loader(data, "train", loader, train=True)
     validation = make_loader(data, "validation", loader, train=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = _model(config, manifest).to(device)
+    model = _model(config, manifest, data).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * len(train), pct_start=config.warmup

@@ -44,6 +44,18 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_synth_task(args: argparse.Namespace) -> int:
+    """Write a non-audio synthetic task (ViT images or BERT tokens) as a prepared data set."""
+    from data_prep.synthetic_tasks import write_synthetic
+
+    counts = {split: getattr(args, split) for split in ("train", "validation", "test")}
+    manifest = write_synthetic(args.task, args.out, counts)
+    features = manifest["features"]
+    print(f"wrote {args.task} ({features['input_key']} {features['shape']}: train {args.train}, validation "
+          f"{args.validation}, test {args.test}) into {args.out}")
+    return 0
+
+
 def _data_prepare(args: argparse.Namespace) -> int:
     """Audio folder -> Parquet shards + manifest.json; with --strict any quarantined file fails the run."""
     from data_prep.features import FeatureParams
@@ -69,10 +81,11 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
 
 def _baseline(args: argparse.Namespace) -> int:
-    """Train the small AST from scratch on a prepared set (or fine-tune --init), cached."""
+    """Train the small model for the data's input from scratch (or fine-tune --init), cached."""
     from search.baseline import BaselineConfig, train_baseline
 
-    given = {k: getattr(args, k) for k in ("init", "epochs", "lr", "batch_size", "seed") if getattr(args, k) is not None}
+    names = ("init", "hidden_size", "num_layers", "num_heads", "intermediate_size", "epochs", "lr", "batch_size", "seed")
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     config = BaselineConfig(**given)
     train_baseline(args.data, args.out, config)
     return 0
@@ -117,6 +130,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from search.baseline import BaselineConfig
+
     parser = argparse.ArgumentParser(prog="prune-search", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -138,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--workers", type=int, default=2)
     synth.set_defaults(run=_data_synth)
 
+    task = data.add_parser("synth-task", help="write a non-audio synthetic task (ViT images, BERT tokens) as prepared data")
+    task.add_argument("--task", choices=["relations", "markers"], required=True,
+                      help="relations: 16x16 images for a ViT; markers: 32-token sequences for a BERT")
+    task.add_argument("--out", required=True)
+    task.add_argument("--train", type=int, default=8000)
+    task.add_argument("--validation", type=int, default=1000)
+    task.add_argument("--test", type=int, default=2000)
+    task.set_defaults(run=_data_synth_task)
+
     prep = data.add_parser("prepare", help="audio folder -> AST features in Parquet shards (Ray Data)")
     prep.add_argument("--source", choices=["speechcommands", "audioset"], required=True)
     prep.add_argument("--input", required=True, help="the data set folder in its real layout")
@@ -157,10 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--strict", action="store_true", help="exit non-zero if any file was quarantined")
     prep.set_defaults(run=_data_prepare)
 
-    baseline = commands.add_parser("baseline", help="train the dense baseline on a prepared set")
-    baseline.add_argument("--data", required=True, help="a folder written by `data prepare`")
+    baseline = commands.add_parser("baseline", help="train the dense baseline on a prepared set (AST, ViT or BERT by its input)")
+    baseline.add_argument("--data", required=True, help="a folder written by `data prepare` or `data synth-task`")
     baseline.add_argument("--out", required=True)
     baseline.add_argument("--init", default=None, help="fine-tune this pretrained checkpoint instead of training from scratch")
+    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        default = getattr(BaselineConfig, name)
+        baseline.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"from scratch only (default {default})")
     baseline.add_argument("--epochs", type=int, default=None, help="default: 28 (the demo recipe)")
     baseline.add_argument("--lr", type=float, default=None, help="peak of the one-cycle schedule (default 2e-3)")
     baseline.add_argument("--batch-size", type=int, default=None)

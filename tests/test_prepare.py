@@ -73,6 +73,8 @@ def test_speechcommands_12_class(tmp_path):
     assert labels.count("_unknown_") == 3 and labels.count("_silence_") == 1 and labels.count("yes") == 4
     table = pq.read_table(tmp_path / "out" / manifest["splits"]["train"]["shards"][0])
     assert table.schema.field("features").type.list_size == 32 * 50
+    assert (manifest["features"]["input_key"], manifest["features"]["shape"]) == ("input_values", [50, 32])
+    assert train.input_key == "input_values" and train[0]["input_values"].shape == (50, 32)
 
 
 def test_features_are_the_ast_front_end_of_the_file(tmp_path):
