@@ -48,7 +48,9 @@ def global_threshold(candidates: list[Candidates], fraction: float) -> Counts:
 
 
 def local_threshold(candidates: list[Candidates], fraction: float) -> Counts:
-    """The same fraction in every layer; rounding remainders go to the layers closest to a whole next unit."""
+    """The same fraction in every layer; rounding remainders go to the layers closest to a whole next unit,
+    and among equally close layers (layers of one shape all are) to the one whose next unit costs least,
+    not to the first layer, which is often the one a model can least spare."""
     counts: Counts = {}
     for family, group in _by_family(candidates).items():
         budget = fraction * sum(c.family_params for c in group)
@@ -62,8 +64,8 @@ def local_threshold(candidates: list[Candidates], fraction: float) -> Counts:
             counts[c.layer, family] = count
             removed += taken
             if count < len(c.sizes):
-                remainders.append(((layer_budget - taken) / c.sizes[count], c))
-        for _, c in sorted(remainders, key=lambda remainder: remainder[0], reverse=True):
+                remainders.append((-(layer_budget - taken) / c.sizes[count], float(c.costs[count]), c.layer, c))
+        for *_, c in sorted(remainders, key=lambda remainder: remainder[:3]):
             size = c.sizes[counts[c.layer, family]]
             if removed + size / 2 <= budget:
                 counts[c.layer, family] += 1

@@ -40,6 +40,20 @@ def test_global_follows_scales_local_does_not(granularity):
     assert all(abs(a - b) <= 1 for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("scaled", [0, 1])
+def test_local_gives_the_rounding_remainder_to_the_layer_that_can_spare_it(scaled):
+    """4 heads per layer, 40% of 2 layers = 3.2 heads: each layer loses 1, and the extra head goes to the
+    layer whose next head scores lowest (the other layer's weights are scaled up), not to the first layer."""
+    model = tiny_ast()
+    site = attention_sites(model)[1 - scaled]
+    with torch.no_grad():
+        for linear in [site.attention.projection(r) for r in "qkv"] + [site.o_proj]:
+            linear.weight.mul_(10.0)
+    prune(model, granularity="entire_head", scorer="magnitude", threshold="local", amount=0.4)
+    heads = [shape[0] for shape in layer_shapes(model)]
+    assert heads[scaled] == 2 and heads[1 - scaled] == 3
+
+
 def test_fisher_differs_from_magnitude():
     model, calib = scaled_layers(), ast_batches()
     sites = attention_sites(model)
