@@ -23,14 +23,16 @@ import os
 import platform
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+GRANULARITIES = ("entire_head", "per_head", "same_channel")
 SPACE = {
-    "granularity": ["entire_head", "per_head", "same_channel"],
+    "granularity": list(GRANULARITIES),
     "scorer": ["magnitude", "fisher"],
     "threshold": ["global", "local"],
     "step_ratio": 0.1,
@@ -65,7 +67,7 @@ def search_config(seed: int, args: argparse.Namespace) -> Path:
         "storage": str(args.work / "ray"),
         "resources": {"cpu": 1, "gpu": 0},
         "loader": {"batch_size": 64, "eval_batch_size": 256},
-        "space": SPACE,
+        "space": {**SPACE, "granularity": list(args.granularities)},
     }
     path = args.work / f"{config['experiment']}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -111,6 +113,8 @@ def compare(rows: list[dict]) -> list[dict]:
             for b in rows:
                 if b[factor] in second and b["seed"] == a["seed"] and all(a[k] == b[k] for k in others):
                     pairs.append((a, b))
+        if not pairs:  # the run does not vary this factor (e.g. --granularities without same_channel)
+            continue
         answer = {"question": question, "pairs": len(pairs)}
         for split in ("validation", "test"):
             diffs = [a[split] - b[split] for a, b in pairs if a[split] is not None and b[split] is not None]
@@ -147,7 +151,7 @@ def layer_summary(layers: list[dict]) -> list[dict]:
     return summary
 
 
-def plot_layers(summary: list[dict], path: Path) -> None:
+def plot_layers(summary: list[dict], path: Path, target: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,7 +166,7 @@ def plot_layers(summary: list[dict], path: Path) -> None:
     axis.set_yticks(range(len(summary)), [s["strategy"] for s in summary], fontsize=8)
     axis.set_xticks(range(matrix.shape[1]))
     axis.set_xlabel("layer (0 = next to the input)")
-    axis.set_title("per-layer attention sparsity at ~50% overall (mean over seeds)", fontsize=9)
+    axis.set_title(f"per-layer attention sparsity at ~{target:.0%} overall (mean over seeds)", fontsize=9)
     figure.colorbar(image, ax=axis, label="fraction removed")
     figure.tight_layout()
     figure.savefig(path)
@@ -201,24 +205,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline", type=Path, default=ROOT / "runs" / "baseline")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--granularities", type=lambda text: tuple(text.split(",")), default=GRANULARITIES,
+                        help="comma-separated subset of the grid's (default all three)")
     parser.add_argument("--concurrent", type=int, default=2)
     parser.add_argument("--train-batches", type=int, default=24, help="LoRA batches per prune step (the demo's)")
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-paper-proxy")
     parser.add_argument("--out", type=Path, default=RESULTS / "paper_proxy.json")
     parser.add_argument("--from-json", type=Path, default=None, help="print the tables of a results file and stop")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = [g for g in args.granularities if g not in GRANULARITIES]
+    if unknown:
+        parser.error(f"--granularities: {unknown} not in the paper's grid {list(GRANULARITIES)}")
+    return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.from_json:
-        print(tables(json.loads(args.from_json.read_text())))
-        return 0
-    for path, what in ((args.data / "manifest.json", "--data"), (args.baseline / "config.json", "--baseline")):
-        if not path.is_file():
-            print(f"error: {what}: {path} is missing; `make demo` writes the embedded data and baseline", file=sys.stderr)
-            return 2
+def run_grid(args: argparse.Namespace) -> dict:
+    """The grid through the search for every seed, then the answers: the results a JSON file holds."""
     from search.runner import run
     from search.space import load_config
 
@@ -233,17 +236,34 @@ def main(argv: list[str] | None = None) -> int:
         found, profile = final_points(args.work / "runs", f"paper-proxy-s{seed}", args.target)
         rows += [{**row, "seed": seed} for row in found]
         layers += profile
-    results = {
+    return {
         "environment": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         "python": platform.python_version(), "cpus": os.cpu_count()},
         "settings": {k: str(v) for k, v in vars(args).items()}, "seeds": args.seeds,
         "rows": rows, "answers": compare(rows), "layers": layer_summary(layers),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    plot_layers(results["layers"], args.out.with_name("paper_proxy_layers.png"))
-    print("\n" + tables(results))
-    print(f"\nresults: {args.out}\nplot:    {args.out.with_name('paper_proxy_layers.png')}")
+
+
+def write(results: dict, out: Path, target: float, render: Callable[[dict], str] = tables) -> None:
+    """The JSON, the per-layer plot beside it (<name>_layers.png), and the tables (`render`) on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    plot = out.with_name(f"{out.stem}_layers.png")
+    plot_layers(results["layers"], plot, target)
+    print("\n" + render(results))
+    print(f"\nresults: {out}\nplot:    {plot}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        print(tables(json.loads(args.from_json.read_text())))
+        return 0
+    for path, what in ((args.data / "manifest.json", "--data"), (args.baseline / "config.json", "--baseline")):
+        if not path.is_file():
+            print(f"error: {what}: {path} is missing; `make demo` writes the embedded data and baseline", file=sys.stderr)
+            return 2
+    write(run_grid(args), args.out, args.target)
     return 0
 
 

@@ -332,6 +332,12 @@ def test_the_demo_config_is_valid():
     assert (config.searcher, config.scheduler) == ("optuna", "asha")
 
 
+def test_the_vit_transfer_config_is_valid_and_searches_beyond_half():
+    config = load_config(ROOT / "configs" / "transfer_vit.yaml")
+    assert (config.searcher, config.scheduler, config.target_sparsity) == ("optuna", "asha", 0.7)
+    assert config.data.endswith("relations") and config.baseline.endswith("baseline-vit")
+
+
 def test_the_step_budget_counts_each_prune_step_once():
     from search.runner import StepBudget
 
