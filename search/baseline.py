@@ -73,8 +73,11 @@ def _vit(config: BaselineConfig, manifest: dict) -> torch.nn.Module:
 
 def _bert(config: BaselineConfig, manifest: dict) -> torch.nn.Module:
     (length,) = input_spec(manifest)[1]
+    vocab_size = manifest["features"].get("vocab_size")
+    if not isinstance(vocab_size, int) or vocab_size < 2:
+        raise ValueError(f"manifest.json features.vocab_size must give the token vocabulary for a BERT, got {vocab_size!r}")
     return build_bert(
-        num_labels=len(manifest["labels"]), vocab_size=manifest["features"]["vocab_size"], max_length=length,
+        num_labels=len(manifest["labels"]), vocab_size=vocab_size, max_length=length,
         hidden_size=config.hidden_size, num_layers=config.num_layers, num_heads=config.num_heads,
         intermediate_size=config.intermediate_size, labels=manifest["labels"],
     )

@@ -4,6 +4,7 @@ own input name, and a ViT / BERT baseline trained on them (the search then prune
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -132,3 +133,13 @@ def test_cli_writes_a_task_and_trains_its_baseline(tmp_path, capsys):
                  "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "32"]) == 0
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     assert config["model_type"] == "bert" and config["hidden_size"] == 16 and config["vocab_size"] == tasks.VOCAB
+
+
+def test_a_token_set_without_its_vocabulary_is_refused_by_name(markers, tmp_path):
+    data = tmp_path / "markers"
+    shutil.copytree(markers, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    del manifest["features"]["vocab_size"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="features.vocab_size must give the token vocabulary"):
+        train_baseline(data, tmp_path / "b", TINY)
