@@ -22,8 +22,14 @@ def test_summary_counts_steps_to_reach_95_percent_of_the_best():
     summary = summarize(runs, budget=3)
     # reference (0, 0.8); best final = 0.5 * 0.1 (fast); slow stops at 3 steps: 0.3 * 0.1 < 95%
     assert summary["best_final_hypervolume"] == pytest.approx(0.05)
-    assert summary["methods"]["fast"]["median_steps_to_reach"] == 2
-    assert summary["methods"]["slow"]["median_steps_to_reach"] is None and summary["methods"]["slow"]["reached"] == "0/1"
+    fast, slow = summary["methods"]["fast"], summary["methods"]["slow"]
+    assert fast["median_steps_to_reach"] == {"90%": 2, "95%": 2} and fast["reached"] == {"90%": "1/1", "95%": "1/1"}
+    assert slow["median_steps_to_reach"] == {"90%": None, "95%": None} and slow["reached"]["95%"] == "0/1"
+    # a second 'fast' seed reaches 90% at once (0.047) but never 95% (0.0475): a median needs most runs to reach
+    runs.append({"method": "fast", "seed": 1, "dense": 0.9, "seconds": 10, "points": [(0.47, 0.9), (0.1, 0.9)]})
+    summary = summarize(runs, budget=3)
+    assert summary["methods"]["fast"]["reached"] == {"90%": "2/2", "95%": "1/2"}
+    assert summary["methods"]["fast"]["median_steps_to_reach"] == {"90%": 1.5, "95%": None}
     assert summary["methods"]["slow"]["median_steps_run"] == 3
 
 
