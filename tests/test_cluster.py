@@ -8,6 +8,7 @@ record of what ran.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -121,12 +122,24 @@ def finish(process: subprocess.Popen, runs: Path, timeout: float = 420) -> str:
 
 
 def tune_steps(storage: Path) -> dict[str, list[int]]:
-    """Ray Tune's own record: trial id -> the steps in its result.json, in the order they were reported."""
+    """Ray Tune's own record: trial id -> the steps it stored, each once and in order.
+
+    Tune logs a trial twice, to result.json and progress.csv. After a trial restarts on another node,
+    result.json can lose the rows written before the failure (seen: step 1 gone, progress.csv whole),
+    so the record is the union of the two logs.
+    """
     record = {}
     for results in storage.glob("*/*/result.json"):
         rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-        if rows:
-            record[rows[0]["trial_id"]] = [row["step"] for row in rows]
+        with open(results.with_name("progress.csv"), newline="") as progress:
+            csv_rows = list(csv.DictReader(progress))
+        if not rows and not csv_rows:
+            continue
+        logs = [[row["step"] for row in rows], [int(row["step"]) for row in csv_rows]]
+        for steps in logs:
+            assert steps == sorted(set(steps)), f"{results.parent.name}: Tune logged a step twice or out of order: {steps}"
+        trial = rows[0]["trial_id"] if rows else csv_rows[0]["trial_id"]
+        record[trial] = sorted(set(logs[0]) | set(logs[1]))
     return record
 
 
@@ -150,7 +163,6 @@ def assert_complete(children: dict, record: dict[str, list[int]], target: float 
     assert set(children) == set(record), "one MLflow child run per Tune trial"
     last = steps_to_target(ratio, target, "linear")
     for trial, reported in record.items():
-        assert reported == sorted(set(reported)), f"{trial}: Tune saw a step twice or out of order: {reported}"
         assert reported[0] == 1 and reported == list(range(1, reported[-1] + 1)) and reported[-1] <= last
         for key, steps in children[trial]["steps"].items():
             assert steps == reported, f"{trial}: MLflow {key} steps {steps} != Tune's {reported}"
