@@ -243,11 +243,9 @@ def tune_events(analysis) -> list[Event]:
     frames = analysis.trial_dataframes
     events = []
     for trial in analysis.trials:
-        frame = frames.get(trial.trial_id)
-        rows = [] if frame is None or frame.empty else frame.to_dict("records")
         last: dict = {}
-        for row in sorted(rows, key=lambda r: r.get("step", 0)):
-            if "step" in row and row.get("attention_sparsity") is not None:
+        for row in _stored_rows(trial, frames.get(trial.trial_id)):
+            if row.get("attention_sparsity") is not None:
                 last = _kept(row)
                 last["step"] = int(last["step"])
                 events.append(Event("result", trial.trial_id, dict(trial.config), last))
@@ -256,3 +254,27 @@ def tune_events(analysis) -> list[Event]:
         elif trial.status == Trial.ERROR:
             events.append(Event("failed", trial.trial_id, dict(trial.config), {"error": trial.error_file or ""}))
     return events
+
+
+def _stored_rows(trial, frame) -> list[dict]:
+    """A trial's stored results in step order: result.json's rows (Tune's `frame`), plus the progress.csv
+    rows of steps it lacks. After a trial restarts on another node, Tune's result.json can lose the rows
+    written before the failure while progress.csv keeps them."""
+    import pandas as pd
+
+    rows = {}
+    for source in (frame, _progress_csv(trial, pd)):
+        for row in [] if source is None or source.empty else source.to_dict("records"):
+            if row.get("step") == row.get("step") and row.get("step") is not None:  # not missing, not NaN
+                rows.setdefault(int(row["step"]), row)
+    return [rows[step] for step in sorted(rows)]
+
+
+def _progress_csv(trial, pd):
+    """The trial's progress.csv as a frame (on whatever file system its storage is), None if unreadable."""
+    storage = trial.storage
+    try:
+        with storage.storage_filesystem.open_input_stream(f"{storage.trial_fs_path}/progress.csv") as stream:
+            return pd.read_csv(stream)
+    except (OSError, pd.errors.EmptyDataError):
+        return None

@@ -259,6 +259,19 @@ def test_a_failed_trial_resumes_from_its_last_step(workspace, tmp_path, monkeypa
     reported = [json.loads(line)["step"] for line in results.read_text().splitlines()]
     assert reported == [1, 2], f"the retry must start from the step-1 checkpoint, not from scratch: {reported}"
 
+    # Tune's result.json can lose the rows from before a restart (seen after a node loss): the replay
+    # that fills MLflow in (`report`) takes them from progress.csv
+    from ray.tune import ExperimentAnalysis
+
+    from search.tracking import tune_events
+
+    results.write_text(results.read_text().splitlines(keepends=True)[1])
+    events = [e for e in tune_events(ExperimentAnalysis(str(results.parent.parent))) if e.kind == "result"]
+    assert [e.result["step"] for e in events] == [1, 2]
+    logged = [m.value for m in client.get_metric_history(child.info.run_id, "accuracy")]
+    assert [e.result["accuracy"] for e in events] == pytest.approx(logged)
+    assert isinstance(events[0].result["final"], bool) and events[0].result["layer_sparsity"].startswith("[")
+
 
 def test_custom_resources_are_validated(tmp_path):
     path = search_config(tmp_path, "custom", resources={"cpu": 1, "custom": {"a10g": 0}})
