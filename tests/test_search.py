@@ -338,6 +338,31 @@ def test_paper_configs_are_the_authors_grid(name):
     assert (session.lora.rank, session.lora.alpha, session.lora.lr, session.lora.target_modules) == (16, 16.0, 1e-4, "all_linear")
 
 
+def test_the_paper_recipe_runs_end_to_end_on_a_stand_in(workspace, tmp_path, monkeypatch):
+    """configs/paper_speechcommands.yaml as it is, except what names the cluster or sets the size: the tiny
+    set and AST stand in for /data and the MIT checkpoint, a CPU for the GPU, two compounding steps and one
+    granularity for ten steps x 12 strategies. The authors' recipe itself runs through the trainable:
+    SpecAugment 48/48 and mixup 0.6, LoRA r16/alpha16 on every Linear, warm-up + cosine with early stopping,
+    5 calibration batches for Fisher."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = ROOT / "configs" / "paper_speechcommands.yaml"
+    raw = yaml.safe_load(path.read_text())
+    config = load_config(
+        path, data=str(workspace / "data"), baseline=str(workspace / "baseline"), storage=str(tmp_path / "ray"),
+        resources={"cpu": 1, "gpu": 0}, max_concurrent=2, target_sparsity=0.19, latency_repeats=2,
+        space={**raw["space"], "granularity": ["per_head"]}, loader={**raw["loader"], "batch_size": 8, "eval_batch_size": 16},
+    )
+    assert (config.loader.spec_augment, config.loader.mixup, config.lora_targets) == (True, 0.6, "all_linear")
+    assert run(config, runs_dir=tmp_path / "runs") == 0
+    client, parents, children = child_runs(tmp_path / "runs", "paper_speechcommands")
+    strategies = {(c.data.tags["scorer"], c.data.tags["threshold"]) for c in children}
+    assert len(children) == 4 and strategies == {(s, t) for s in ("magnitude", "fisher") for t in ("global", "local")}
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "accuracy")] == [1, 2]
+        assert abs(child.data.metrics["attention_sparsity"] - 0.19) < 0.05  # within a unit (1 of 8 channels)
+        assert "test_accuracy" in child.data.metrics
+
+
 def test_the_demo_config_is_valid():
     config = load_config(ROOT / "configs" / "demo.yaml")
     granularities = next(p.choices for p in config.space if p.name == "granularity")
