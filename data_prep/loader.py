@@ -348,13 +348,12 @@ def make_loader(root: str | Path, split: str, config: LoaderConfig, *, train: bo
     dataset = ShardDataset(root, split)
     if len(dataset) == 0:
         raise ValueError(f"split {split!r} of {root} has no rows to load")
-    if train:
-        _check_augmentation(config, dataset)
     if not train:
         return DataLoader(
             dataset, batch_size=config.eval_batch_size or config.batch_size, sampler=SequentialSampler(dataset),
             num_workers=config.num_workers,
         )
+    _check_augmentation(config, dataset)
     generator = torch.Generator().manual_seed(config.seed)
     if config.balanced:
         sampler = WeightedRandomSampler(_balanced_weights(dataset), len(dataset), replacement=True, generator=generator)

@@ -64,7 +64,7 @@ def build_ast(
         num_labels=num_labels,
         problem_type="multi_label_classification" if multi_label else "single_label_classification",
     )
-    _name_labels(config, labels)
+    set_labels(config, labels)
     return transformers.ASTForAudioClassification(config)
 
 
@@ -94,7 +94,7 @@ def build_vit(
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    _name_labels(config, labels)
+    set_labels(config, labels)
     return transformers.ViTForImageClassification(config)
 
 
@@ -122,11 +122,12 @@ def build_bert(
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    _name_labels(config, labels)
+    set_labels(config, labels)
     return transformers.BertForSequenceClassification(config)
 
 
-def _name_labels(config: transformers.PretrainedConfig, labels: list[str] | None) -> None:
+def set_labels(config: transformers.PretrainedConfig, labels: list[str] | None) -> None:
+    """Name the classes in a model config (id2label, label2id) so saved models and reports show them."""
     if labels is not None:
         config.id2label = dict(enumerate(labels))
         config.label2id = {label: index for index, label in enumerate(labels)}

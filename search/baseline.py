@@ -16,6 +16,7 @@ import torch
 
 from data_prep.loader import LoaderConfig, input_spec, make_loader, read_manifest, soft_target_loss
 from prune_core import build_ast, build_bert, build_vit, load_model, total_params
+from prune_core.models import set_labels
 from prune_core.batches import to_device
 from prune_core.metrics import METRIC_NAME, evaluate
 
@@ -97,8 +98,7 @@ def _model(config: BaselineConfig, manifest: dict, data: Path) -> torch.nn.Modul
                 f"--init {config.init} takes {model.main_input_name}, but {data} holds {key}: fine-tune a checkpoint "
                 "of the data's modality"
             )
-        model.config.id2label = dict(enumerate(labels))
-        model.config.label2id = {label: i for i, label in enumerate(labels)}
+        set_labels(model.config, labels)
         multi = manifest["task"] == "multi_label"
         model.config.problem_type = "multi_label_classification" if multi else "single_label_classification"
         return model

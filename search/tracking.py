@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -260,17 +261,15 @@ def _stored_rows(trial, frame) -> list[dict]:
     """A trial's stored results in step order: result.json's rows (Tune's `frame`), plus the progress.csv
     rows of steps it lacks. After a trial restarts on another node, Tune's result.json can lose the rows
     written before the failure while progress.csv keeps them."""
-    import pandas as pd
-
     rows = {}
-    for source in (frame, _progress_csv(trial, pd)):
+    for source in (frame, _progress_csv(trial)):
         for row in [] if source is None or source.empty else source.to_dict("records"):
             if row.get("step") == row.get("step") and row.get("step") is not None:  # not missing, not NaN
                 rows.setdefault(int(row["step"]), row)
     return [rows[step] for step in sorted(rows)]
 
 
-def _progress_csv(trial, pd):
+def _progress_csv(trial) -> pd.DataFrame | None:
     """The trial's progress.csv as a frame (on whatever file system its storage is), None if unreadable."""
     storage = trial.storage
     try:
