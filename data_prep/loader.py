@@ -23,7 +23,6 @@ MANIFEST = "manifest.json"
 CACHE_DIR = ".arrow-cache"
 CACHE_VERSION = "1"  # bump when the cache layout changes, so old caches are rebuilt
 DTYPES = {"float16": pa.float16(), "float32": pa.float32(), "int32": pa.int32()}  # int32: token ids
-TASKS = ("single_label", "multi_label")
 CONVERT_BATCH_BYTES = 64 << 20  # bounds memory while converting one shard
 
 
@@ -32,6 +31,8 @@ def read_manifest(root: Path) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {root} is not a prepared data set (`prune-search data prepare`)")
+    from prune_core.metrics import TASKS  # here, so that preparing data never imports transformers and peft
+
     manifest = json.loads(path.read_text())
     if manifest.get("task") not in TASKS:
         raise ValueError(f"{path}: task must be one of {TASKS}, got {manifest.get('task')!r}")

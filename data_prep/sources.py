@@ -17,6 +17,7 @@ from pathlib import Path
 from data_prep.audio import AUDIO_SUFFIXES
 
 SPLITS = ("train", "validation", "test")
+SPLIT_LISTS = {"validation": "validation_list.txt", "test": "testing_list.txt"}  # SpeechCommands' split files
 COMMANDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 SILENCE, UNKNOWN = "_silence_", "_unknown_"
 BACKGROUND = "_background_noise_"
@@ -86,7 +87,7 @@ def speechcommands(root: str | Path, task: int = 35) -> Listing:
         raise ValueError(f"{root}: no word folders found; expected the SpeechCommands layout <root>/<word>/*.wav")
     notes: list[str] = []
     lists: dict[str, set[str]] = {}
-    for split, name in (("validation", "validation_list.txt"), ("test", "testing_list.txt")):
+    for split, name in SPLIT_LISTS.items():
         if (root / name).is_file():
             lists[split] = _read_list(root / name)
         else:

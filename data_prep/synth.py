@@ -27,19 +27,16 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from data_prep.sources import split_of
+from data_prep.sources import BACKGROUND, COMMANDS, SPLIT_LISTS, SPLITS, split_of
 
 GENERATOR_VERSION = 1  # bump whenever the same config would give different files
-DEFAULT_WORDS: tuple[str, ...] = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+DEFAULT_WORDS: tuple[str, ...] = COMMANDS  # the 12-class task's ten commands
 DEFAULT_VOICES = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
 DEFAULT_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "croak", "whisper")
 # words for the babble noise: SpeechCommands' auxiliary words (the config's own words are left out)
 BABBLE_WORDS = ("bed", "bird", "cat", "dog", "eight", "five", "four", "happy", "house", "marvin", "nine", "one",
                 "seven", "sheila", "six", "three", "tree", "two", "wow", "zero", "backward", "forward", "follow", "learn")
 NOISE_SECONDS = {"white_noise": 60, "pink_noise": 60, "brown_noise": 60, "hum": 30, "running_tap": 60, "babble": 45}
-BACKGROUND = "_background_noise_"
-LISTS = {"validation": "validation_list.txt", "test": "testing_list.txt"}
-SPLITS = ("train", "validation", "test")
 RECORD = "synth.json"
 CHUNK_CLIPS = 200  # clips per worker task; fixed, so the eSpeak call sequences do not depend on `workers`
 WORD_RE = re.compile(r"^[a-z][a-z']*$")
@@ -450,7 +447,7 @@ def _record(config: SynthConfig) -> dict:
 
 def _expected_paths(out: Path, plan: list[ClipSpec]) -> list[Path]:
     noise = [out / BACKGROUND / f"{name}.wav" for name in NOISE_SECONDS]
-    return [out / c.path for c in plan] + noise + [out / name for name in LISTS.values()]
+    return [out / c.path for c in plan] + noise + [out / name for name in SPLIT_LISTS.values()]
 
 
 def _check_folder(out: Path, record: dict) -> bool:
@@ -504,7 +501,7 @@ def synthesize(
                 print(f"\rsynth: {done}/{len(plan)} clips", end="", file=sys.stderr, flush=True)
     if progress and tasks:
         print(file=sys.stderr)
-    for split, name in LISTS.items():
+    for split, name in SPLIT_LISTS.items():
         write_text(out / name, "".join(sorted(f"{c.path}\n" for c in plan if split_of(c.speaker.id) == split)))
     summary = SynthSummary(out, clip_counts, speaker_counts, time.perf_counter() - started)
     write_text(out / RECORD, json.dumps({**record, "complete": True, "summary": summary.to_dict()}, indent=2) + "\n")

@@ -100,7 +100,7 @@ class SyntheticTask:
     vocab_size: int | None = None
 
 
-TASKS = {
+SYNTHETIC_TASKS = {
     "relations": SyntheticTask("pixel_values", (3, IMAGE, IMAGE), "float32", DIRECTIONS, relation_images),
     "markers": SyntheticTask(
         "input_ids", (LENGTH,), "int32",
@@ -120,13 +120,13 @@ def _normalization(task: SyntheticTask, train: np.ndarray) -> dict:
 def write_synthetic(name: str, out: str | Path, counts: dict[str, int] | None = None) -> dict:
     """Write task `name` as a prepared data set (one Parquet shard per split + manifest.json) in `out`;
     returns the manifest. A folder already holding the same task and counts is kept as it is."""
-    if name not in TASKS:
-        raise ValueError(f"unknown synthetic task {name!r}; choose one of {sorted(TASKS)}")
+    if name not in SYNTHETIC_TASKS:
+        raise ValueError(f"unknown synthetic task {name!r}; choose one of {sorted(SYNTHETIC_TASKS)}")
     counts = {**DEFAULT_COUNTS, **(counts or {})}
     unknown = sorted(set(counts) - set(SPLIT_SEEDS))
     if unknown or any(not isinstance(n, int) or n < 1 for n in counts.values()):
         raise ValueError(f"counts: splits {sorted(SPLIT_SEEDS)} with at least 1 sample each, got {counts}")
-    task, out = TASKS[name], Path(out)
+    task, out = SYNTHETIC_TASKS[name], Path(out)
     source = f"synthetic-{name}"
     existing = out / MANIFEST
     if existing.is_file():

@@ -11,6 +11,7 @@ from torch import nn
 
 from prune_core.adapters import attention_sites, example_input
 from prune_core.attention import LayerShape, PrunedAttention
+from prune_core.batches import eval_mode
 
 RECORD = "attention_pruning"  # key in model.config: the dense shapes, saved with the model
 
@@ -77,14 +78,12 @@ def macs_per_sample(model: nn.Module, inputs: Mapping[str, torch.Tensor] | None 
         for module in model.modules()
         if isinstance(module, (nn.Linear, nn.Conv2d, PrunedAttention))
     ]
-    was_training = model.training
-    model.eval()
     try:
-        model(**inputs)
+        with eval_mode(model):
+            model(**inputs)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     batch = next(iter(inputs.values())).shape[0]
     return total // batch
 
@@ -97,9 +96,7 @@ def latency_ms(
     inputs = dict(inputs) if inputs is not None else example_input(model)
     device = next(model.parameters()).device
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for _ in range(warmup):
             model(**inputs)
         times = []
@@ -109,6 +106,4 @@ def latency_ms(
             model(**inputs)
             synchronize()
             times.append((time.perf_counter() - start) * 1e3)
-    finally:
-        model.train(was_training)
     return statistics.median(times)

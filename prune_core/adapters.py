@@ -2,7 +2,7 @@
 
 An adapter turns a family's attention module into a `PrunedAttention` at the same path with the
 same projection names, so state-dict keys and PEFT targets stay the family's own. Adding a family
-is one `Adapter` and one line in `ADAPTERS`.
+is one `Adapter` in `ADAPTERS`, under the family's `model_type`.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ class UnsupportedModelError(TypeError):
 
 @dataclass(frozen=True)
 class Adapter:
-    """One encoder family: the attention class name and where its four projections live.
+    """One encoder family's attention: its class name and where its four projections live.
 
     `names` are Q, K, V (and O when it sits in the same module). When O sits elsewhere,
     `o_path` is its path relative to the attention module's parent.
     """
 
-    family: str
     attention_class: str
     names: tuple[str, ...]
     o_path: str | None = None
@@ -47,8 +46,7 @@ class Adapter:
         missing = [name for name, linear in projections.items() if not isinstance(linear, nn.Linear)]
         if missing:
             raise UnsupportedModelError(
-                f"{path} ({type(module).__name__}) has no nn.Linear {missing}; its adapter '{self.family}' expects "
-                f"{list(self.names)}"
+                f"{path} ({type(module).__name__}) has no nn.Linear {missing}; its adapter expects {list(self.names)}"
             )
         dropout = getattr(module, self.dropout_attr)
         head_dim = getattr(module, self.head_dim_attr)
@@ -65,21 +63,18 @@ class Adapter:
         return pruned
 
 
-ADAPTERS: tuple[Adapter, ...] = (
-    Adapter(
-        "audio-spectrogram-transformer",
+ADAPTERS: dict[str, Adapter] = {  # keyed by the family's `model_type`
+    "audio-spectrogram-transformer": Adapter(
         "ASTAttention",
         ("q_proj", "k_proj", "v_proj", "o_proj"),
         example_input=lambda c: {"input_values": torch.zeros(1, c.max_length, c.num_mel_bins)},
     ),
-    Adapter(
-        "vit",
+    "vit": Adapter(
         "ViTAttention",
         ("q_proj", "k_proj", "v_proj", "o_proj"),
         example_input=lambda c: {"pixel_values": torch.zeros(1, c.num_channels, c.image_size, c.image_size)},
     ),
-    Adapter(
-        "bert",
+    "bert": Adapter(
         "BertSelfAttention",
         ("query", "key", "value"),
         o_path="output.dense",
@@ -87,13 +82,13 @@ ADAPTERS: tuple[Adapter, ...] = (
         dropout_attr="dropout",
         example_input=lambda c: {"input_ids": torch.zeros(1, min(128, c.max_position_embeddings), dtype=torch.long)},
     ),
-)
+}
 
 
 def example_input(model: nn.Module) -> dict[str, torch.Tensor]:
     """One zero sample at the model's configured input size (for MAC counts and latency)."""
     family = getattr(model.config, "model_type", None)
-    adapter = next((a for a in ADAPTERS if a.family == family), None)
+    adapter = ADAPTERS.get(family)
     if adapter is None or adapter.example_input is None:
         raise UnsupportedModelError(f"no example input known for model type {family!r}; pass one explicitly")
     device = next(model.parameters()).device
@@ -120,7 +115,7 @@ class AttentionSite:
 
 def _adapter_for(module: nn.Module) -> Adapter | None:
     name = type(module).__name__
-    return next((adapter for adapter in ADAPTERS if adapter.attention_class == name), None)
+    return next((adapter for adapter in ADAPTERS.values() if adapter.attention_class == name), None)
 
 
 def _looks_like_attention(module: nn.Module) -> bool:
@@ -142,7 +137,7 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
                 if _looks_like_attention(module) and not _contains_known_attention(module):
                     raise UnsupportedModelError(
                         f"cannot prune attention module '{path}' ({type(module).__name__}): no adapter for it. "
-                        f"Supported: {', '.join(a.attention_class for a in ADAPTERS)}. "
+                        f"Supported: {', '.join(a.attention_class for a in ADAPTERS.values())}. "
                         "Add an Adapter in prune_core/adapters.py."
                     )
                 continue
@@ -157,7 +152,7 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
     if not sites:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no attention layer prune_core can prune; supported: "
-            f"{', '.join(a.attention_class for a in ADAPTERS)}"
+            f"{', '.join(a.attention_class for a in ADAPTERS.values())}"
         )
     return sites
 

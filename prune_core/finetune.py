@@ -72,6 +72,25 @@ def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup: float) -> to
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def train_step(
+    model: nn.Module,
+    batch: Batch,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    max_grad_norm: float,
+) -> None:
+    """One optimizer step on `batch`: loss, gradients clipped to `max_grad_norm` over the optimizer's
+    parameters, step, then the learning-rate schedule's step. LoRA recovery and the dense baseline both
+    train with it."""
+    loss = loss_fn(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+
+
 def lora_finetune(
     model: nn.Module,
     train: Iterable[Batch],
@@ -105,12 +124,7 @@ def lora_finetune(
     for _ in range(settings.epochs):
         peft_model.train()
         for batch in train:
-            loss = loss_fn(peft_model, to_device(batch, device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+            train_step(peft_model, to_device(batch, device), loss_fn, optimizer, scheduler, settings.max_grad_norm)
         if validation is None:
             continue
         loss = mean_loss(peft_model, validation, loss_fn)

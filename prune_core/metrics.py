@@ -7,10 +7,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from prune_core.batches import Batch, LossFn, to_device
+from prune_core.batches import Batch, LossFn, eval_mode, to_device
+from prune_core.registry import check
 
-TASKS = ("single_label", "multi_label")
 METRIC_NAME = {"single_label": "accuracy", "multi_label": "mAP"}
+TASKS = tuple(METRIC_NAME)  # the label task kinds, here and in prepared data sets' manifests
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -45,13 +46,10 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean loss and the task's metric ('accuracy' or 'mAP') over `batches`; one forward per batch
     unless a custom `loss_fn` is given."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    check("task", task, TASKS)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     logits, labels, losses, count = [], [], 0.0, 0
-    try:
+    with eval_mode(model):
         for batch in batches:
             batch = to_device(batch, device)
             output = model(**batch)
@@ -61,8 +59,6 @@ def evaluate(
             count += size
             logits.append(output.logits.float().cpu())
             labels.append(batch["labels"].cpu())
-    finally:
-        model.train(was_training)
     if count == 0:
         raise ValueError("evaluation got no batches")
     all_logits, all_labels = torch.cat(logits), torch.cat(labels)

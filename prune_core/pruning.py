@@ -10,15 +10,11 @@ from torch import nn
 from prune_core.accounting import dense_record
 from prune_core.adapters import AttentionSite, attention_sites
 from prune_core.granularities import GRANULARITIES, Candidates, LayerPlan
-from prune_core.removal import apply_plan
 from prune_core.batches import Batch, LossFn, default_loss
-from prune_core.scorers import NEEDS_DATA, SCORERS, LayerScores
+from prune_core.registry import check
+from prune_core.removal import apply_plan
+from prune_core.scorers import SCORERS, LayerScores
 from prune_core.thresholds import THRESHOLDS
-
-
-def _choice(kind: str, value: str, registry: dict) -> None:
-    if value not in registry:
-        raise ValueError(f"unknown {kind} {value!r}; choose one of {sorted(registry)}")
 
 
 def plan_pruning(
@@ -32,12 +28,12 @@ def plan_pruning(
     loss_fn: LossFn | None = None,
 ) -> tuple[list[AttentionSite], list[LayerPlan]]:
     """What `prune` would keep in each layer, without changing the model's weights."""
-    _choice("granularity", granularity, GRANULARITIES)
-    _choice("scorer", scorer, SCORERS)
-    _choice("threshold", threshold, THRESHOLDS)
+    check("granularity", granularity, GRANULARITIES)
+    check("scorer", scorer, SCORERS)
+    check("threshold", threshold, THRESHOLDS)
     if not isinstance(amount, (int, float)) or not 0.0 < amount < 1.0:
         raise ValueError(f"amount must be a fraction in (0, 1) of the attention parameters, got {amount!r}")
-    if scorer in NEEDS_DATA and calib is None:
+    if SCORERS[scorer].needs_data and calib is None:
         raise ValueError(f"scorer {scorer!r} needs calibration batches: pass calib=<iterable of batches>")
     sites = attention_sites(model)
     dense_record(model)

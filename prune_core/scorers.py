@@ -16,7 +16,7 @@ from torch import nn
 
 from prune_core.adapters import AttentionSite
 from prune_core.attention import pad_heads
-from prune_core.batches import Batch, LossFn, to_device
+from prune_core.batches import Batch, LossFn, eval_mode, to_device
 
 FISHER_EPS = 1e-6  # the authors' floor, so that no structure scores exactly zero
 
@@ -34,19 +34,29 @@ class LayerScores:
     head: torch.Tensor
 
 
-Scorer = Callable[[nn.Module, list[AttentionSite], Iterable[Batch] | None, LossFn], list[LayerScores]]
+ScoreFn = Callable[[nn.Module, list[AttentionSite], Iterable[Batch] | None, LossFn], list[LayerScores]]
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """A registered scorer: its function, and whether it needs calibration batches (gradient scorers do)."""
+
+    score: ScoreFn
+    needs_data: bool
+
+    def __call__(self, model, sites, calib, loss_fn) -> list[LayerScores]:
+        return self.score(model, sites, calib, loss_fn)
+
+
 SCORERS: dict[str, Scorer] = {}
-NEEDS_DATA: set[str] = set()
 
 
-def register(name: str, *, needs_data: bool) -> Callable[[Scorer], Scorer]:
-    """Add a scorer to the registry under `name`."""
+def register(name: str, *, needs_data: bool) -> Callable[[ScoreFn], ScoreFn]:
+    """Add a scorer function to the registry under `name`."""
 
-    def add(scorer: Scorer) -> Scorer:
-        SCORERS[name] = scorer
-        if needs_data:
-            NEEDS_DATA.add(name)
-        return scorer
+    def add(score: ScoreFn) -> ScoreFn:
+        SCORERS[name] = Scorer(score, needs_data)
+        return score
 
     return add
 
@@ -58,7 +68,7 @@ def _summed(elementwise: list[torch.Tensor]) -> LayerScores:
     return LayerScores(qk=qk, vo=vo, head=qk.sum(-1) + vo.sum(-1))
 
 
-def magnitude_scorer(p: float) -> Scorer:
+def magnitude_scorer(p: float) -> ScoreFn:
     """p-norm of each structure's rows/columns; p = 1 as in the authors' code."""
 
     def magnitude(model, sites, calib, loss_fn):
@@ -97,21 +107,19 @@ def random_scores(model, sites, calib, loss_fn):
 def _only_attention_grads(model: nn.Module, sites: list[AttentionSite], enable: bool):
     """Gradients for the attention weights alone (or none), restored afterwards; model in eval mode."""
     flags = {param: param.requires_grad for param in model.parameters()}
-    was_training = model.training
     for param in model.parameters():
         param.requires_grad_(False)
     if enable:
         for site in sites:
             for weight in _attention_weights(site):
                 weight.requires_grad_(True)
-    model.eval()
-    try:
-        yield
-    finally:
-        for param, flag in flags.items():
-            param.requires_grad_(flag)
-            param.grad = None
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            yield
+        finally:
+            for param, flag in flags.items():
+                param.requires_grad_(flag)
+                param.grad = None
 
 
 def _attention_weights(site: AttentionSite) -> list[nn.Parameter]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -23,14 +24,38 @@ from prune_core.granularities import GRANULARITIES
 from prune_core.io import load_pruned, save_pruned
 from prune_core.metrics import METRIC_NAME, TASKS, evaluate
 from prune_core.pruning import prune
-from prune_core.scorers import NEEDS_DATA, SCORERS
+from prune_core.registry import check
+from prune_core.scorers import SCORERS
 from prune_core.thresholds import THRESHOLDS
 
-SCHEDULES: dict[str, Callable[[float, int], float]] = {
-    "compound": lambda ratio, step: 1.0 - (1.0 - ratio) ** step,  # each step removes `ratio` of what remains
-    "linear": lambda ratio, step: ratio * step,  # each step removes `ratio` of the dense model
+
+@dataclass(frozen=True)
+class Schedule:
+    """How attention sparsity grows with prune steps of `ratio`: the sparsity after `step` steps, and the
+    steps needed to reach a target (the last step is capped at it)."""
+
+    sparsity: Callable[[float, int], float]
+    steps: Callable[[float, float], int]
+
+
+SCHEDULES: dict[str, Schedule] = {
+    # each step removes `ratio` of what remains
+    "compound": Schedule(
+        sparsity=lambda ratio, step: 1.0 - (1.0 - ratio) ** step,
+        steps=lambda ratio, target: math.ceil(math.log(1 - target) / math.log(1 - ratio) - 1e-9),
+    ),
+    # each step removes `ratio` of the dense model
+    "linear": Schedule(
+        sparsity=lambda ratio, step: ratio * step,
+        steps=lambda ratio, target: math.ceil(target / ratio - 1e-9),
+    ),
 }
 STATE_FILE = "session.json"
+
+
+def steps_to_target(ratio: float, target: float, schedule: str) -> int:
+    """Prune steps a schedule of `ratio` per step needs to reach `target` (the last step is capped at it)."""
+    return SCHEDULES[schedule].steps(ratio, target)
 
 
 @dataclass(frozen=True)
@@ -42,13 +67,9 @@ class Strategy:
     threshold: str = "global"
 
     def __post_init__(self) -> None:
-        for kind, value, registry in (
-            ("granularity", self.granularity, GRANULARITIES),
-            ("scorer", self.scorer, SCORERS),
-            ("threshold", self.threshold, THRESHOLDS),
-        ):
-            if value not in registry:
-                raise ValueError(f"unknown {kind} {value!r}; choose one of {sorted(registry)}")
+        check("granularity", self.granularity, GRANULARITIES)
+        check("scorer", self.scorer, SCORERS)
+        check("threshold", self.threshold, THRESHOLDS)
 
     @property
     def name(self) -> str:
@@ -69,8 +90,7 @@ class SessionConfig:
     final_sparsity: float | None = None  # cap the schedule here (a search's target sparsity)
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {sorted(SCHEDULES)}")
+        check("schedule", self.schedule, SCHEDULES)
         if not 0 < self.step_ratio < 1:
             raise ValueError(f"step_ratio must be in (0, 1), got {self.step_ratio}")
         if self.steps < 1:
@@ -79,8 +99,7 @@ class SessionConfig:
             raise ValueError(
                 f"{self.steps} linear steps of {self.step_ratio} would remove all attention; lower steps or step_ratio"
             )
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose one of {TASKS}")
+        check("task", self.task, TASKS)
         if self.calib_batches < 1:
             raise ValueError(f"calib_batches must be >= 1, got {self.calib_batches}")
         if self.final_sparsity is not None and not 0 < self.final_sparsity < 1:
@@ -88,7 +107,7 @@ class SessionConfig:
 
     def target(self, step: int) -> float:
         """Attention sparsity the schedule reaches after `step` steps (capped at `final_sparsity`)."""
-        reached = SCHEDULES[self.schedule](self.step_ratio, step)
+        reached = SCHEDULES[self.schedule].sparsity(self.step_ratio, step)
         return reached if self.final_sparsity is None else min(reached, self.final_sparsity)
 
     def to_dict(self) -> dict:
@@ -186,7 +205,7 @@ class PruningSession:
         amount = max((target - current) / (1.0 - current), 1e-9)
         strategy = self.config.strategy
         calib = None
-        if strategy.scorer in NEEDS_DATA:
+        if SCORERS[strategy.scorer].needs_data:
             calib = self.calib if self.calib is not None else list(itertools.islice(self.train, self.config.calib_batches))
         prune(
             self.model,

@@ -18,6 +18,7 @@ from data_prep.loader import LoaderConfig, input_spec, make_loader, read_manifes
 from prune_core import build_ast, build_bert, build_vit, load_model, total_params
 from prune_core.models import set_labels
 from prune_core.batches import to_device
+from prune_core.finetune import train_step
 from prune_core.metrics import METRIC_NAME, evaluate
 
 RECORD = "baseline.json"
@@ -136,12 +137,7 @@ def train_baseline(data: str | Path, out: str | Path, config: BaselineConfig = B
     for epoch in range(config.epochs):
         model.train()
         for batch in train:
-            loss = soft_target_loss(model, to_device(batch, device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
+            train_step(model, to_device(batch, device), soft_target_loss, optimizer, schedule, max_grad_norm=1.0)
         score = evaluate(model, validation, task)[metric]
         if score > best:
             best, best_state = score, {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,10 +1,11 @@
-"""Accuracy and mAP on hand-checked numbers."""
+"""Accuracy and mAP on hand-checked numbers; evaluation in eval mode, the model's own mode restored."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from prune_core.batches import eval_mode
 from prune_core.metrics import accuracy, average_precision, evaluate, mean_average_precision
 from tests.conftest import ast_batches, tiny_ast
 
@@ -38,3 +39,31 @@ def test_evaluate_multi_label():
     ]
     result = evaluate(model, batches, task="multi_label")
     assert set(result) == {"loss", "mAP"} and 0 < result["mAP"] <= 1
+
+
+def test_eval_mode_restores_train_mode_after_an_error():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)).train()
+    with pytest.raises(RuntimeError, match="boom"):
+        with eval_mode(model):
+            assert not any(module.training for module in model.modules())
+            raise RuntimeError("boom")
+    assert all(module.training for module in model.modules())
+
+
+def test_eval_mode_nested_keeps_the_outer_mode():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)).train()
+    with eval_mode(model):
+        with eval_mode(model):
+            assert not model.training
+        assert not model[1].training  # the inner block restores eval, the mode it found
+    assert model.training and model[1].training
+    with eval_mode(model.eval()):
+        pass
+    assert not model.training  # a model in eval mode stays there
+
+
+def test_evaluate_leaves_a_training_model_training_when_a_batch_fails():
+    model = tiny_ast().train()
+    with pytest.raises(KeyError):
+        evaluate(model, [{"input_values": ast_batches()[0]["input_values"]}])
+    assert model.training

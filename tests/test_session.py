@@ -8,7 +8,7 @@ from torch import nn
 
 from prune_core import attention_sparsity
 from prune_core.finetune import LoraSettings, lora_finetune, target_names
-from prune_core.session import PruningSession, SessionConfig, Strategy
+from prune_core.session import PruningSession, SessionConfig, Strategy, steps_to_target
 from tests.conftest import ast_batches, tiny_ast
 
 
@@ -20,13 +20,21 @@ def test_schedules_reach_the_papers_totals():
     assert linear.target(6) == pytest.approx(0.6)
 
 
+@pytest.mark.parametrize("schedule", ["compound", "linear"])
+@pytest.mark.parametrize("ratio,target", [(0.1, 0.5), (0.15, 0.7), (0.2, 0.6)])
+def test_steps_to_target_is_the_first_step_at_the_target(schedule, ratio, target):
+    steps = steps_to_target(ratio, target, schedule)
+    config = SessionConfig(step_ratio=ratio, steps=steps, schedule=schedule)
+    assert config.target(steps - 1) < target - 1e-9 <= config.target(steps) + 1e-9
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"schedule": "cubic"}, "unknown schedule"),
+        ({"schedule": "cubic"}, r"unknown schedule 'cubic'; choose one of \['compound', 'linear'\]"),
         ({"step_ratio": 1.5}, "step_ratio"),
         ({"schedule": "linear", "step_ratio": 0.2, "steps": 5}, "would remove all attention"),
-        ({"task": "regression"}, "unknown task"),
+        ({"task": "regression"}, r"unknown task 'regression'; choose one of \['multi_label', 'single_label'\]"),
     ],
 )
 def test_bad_session_config(kwargs, message):

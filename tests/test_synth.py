@@ -15,7 +15,8 @@ import pytest
 import soundfile
 
 from data_prep import synth
-from data_prep.synth import BACKGROUND, EspeakError, SynthConfig, synthesize
+from data_prep.sources import BACKGROUND
+from data_prep.synth import EspeakError, SynthConfig, synthesize
 
 # 16 speakers, all of them used (a few twice): small, yet every split gets speakers
 SMALL = SynthConfig(
