@@ -37,7 +37,7 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
-	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python -m benchmarks.latency
 
 clean:
 	rm -rf .make .venv runs mlruns

@@ -1,21 +1,21 @@
 """Latency of the paper's two open granularities (variable_per_head, hybrid) against per_head and dense, measured.
 
-    python benchmarks/granularity_latency.py [--sizes small-sc,small-as] [--threads 1]    |    ... --from-json FILE
+    python -m benchmarks.granularity_latency [--sizes small-sc,small-as] [--threads 1]    |    ... --from-json FILE
 
 `variable_per_head` leaves heads of a layer with different dims; `PrunedAttention` runs them zero-padded
 to the widest head in one SDPA call. The `grouped` rows run the same pruned weights with one SDPA call
 per group of equal-dim heads instead (no padding), so the table says what the padding costs against
-the alternative, rather than assuming either. Same harness as `benchmarks/latency.py` (run as a
-script: it imports that file's interleaved timing), one-shot magnitude + global pruning of one dense
-model, every model of a size timed side by side, round by round.
+the alternative, rather than assuming either. Same harness as `benchmarks/latency.py` (its interleaved
+timing), one-shot magnitude + global pruning of one dense model, every model of a size timed side by
+side, round by round.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -23,11 +23,12 @@ import torch
 import transformers
 from torch import nn
 
-from latency import MIN_SAMPLE_S, csv, environment, log, paired_median, time_interleaved
+from benchmarks.common import (RESULTS, add_from_json, comma_list, environment, log, markdown_table, paired_median,
+                               print_from_json, write_results)
+from benchmarks.latency import MIN_SAMPLE_S, check_equivalent, time_interleaved
 from prune_core import attention_sites, attention_sparsity, build_ast, macs_per_sample, prune
 from prune_core.attention import PrunedAttention, fused_attention
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SMALL = {"num_labels": 35, "hidden_size": 192, "num_layers": 6, "num_heads": 6, "intermediate_size": 768,
          "num_mel_bins": 128}
 SIZES: dict[str, dict[str, int]] = {
@@ -37,7 +38,6 @@ SIZES: dict[str, dict[str, int]] = {
 GRANULARITY_NAMES = ("per_head", "variable_per_head", "hybrid")
 GROUPED = "variable_per_head (grouped)"  # the variable_per_head model with `GroupedAttention` in its ragged layers
 SCORER, THRESHOLD = "magnitude", "global"
-EQUIVALENCE_TOL = 1e-4
 
 
 class GroupedAttention(nn.Module):
@@ -84,15 +84,6 @@ def grouped_like(pruned: nn.Module) -> nn.Module:
     return grouped.eval()
 
 
-@torch.inference_mode()
-def max_logit_diff(a: nn.Module, b: nn.Module, inputs: torch.Tensor) -> float:
-    """Max |logit difference|; raises if the grouped model does not compute what the padded one does."""
-    diff = (a(input_values=inputs).logits - b(input_values=inputs).logits).abs().max().item()
-    if diff > EQUIVALENCE_TOL:
-        raise RuntimeError(f"grouped attention differs from the padded one by {diff:.2e} > {EQUIVALENCE_TOL:.0e}")
-    return diff
-
-
 def padding_ratio(model: nn.Module) -> float:
     """Attention-matmul MACs the SDPA calls run over those the kept channels need (1.0: no padding).
 
@@ -136,7 +127,8 @@ def bench_size(size: str, args: argparse.Namespace) -> list[dict]:
                     "layers": [site.shape.to_dict() for site in attention_sites(pruned)],
                 }
                 if name == GROUPED:
-                    facts[key]["max_abs_logit_diff"] = max_logit_diff(pruned, model, probe)
+                    facts[key]["max_abs_logit_diff"] = check_equivalent(model, pruned, probe,
+                                                                           "grouped attention")
     points = []
     for batch in args.batches:
         inputs = torch.randn(batch, config.max_length, config.num_mel_bins)
@@ -147,11 +139,12 @@ def bench_size(size: str, args: argparse.Namespace) -> list[dict]:
             per_head = f"per_head @ {model_facts['target_sparsity']:.0%}"
             points.append({
                 "size": size, "tokens": tokens, "batch": batch, **model_facts, "timing": timing[key],
-                "speedup_vs_dense": paired_median(timing["dense"], timing[key]),
-                "speedup_vs_per_head": paired_median(timing[per_head], timing[key]) if per_head in timing else None,
+                "speedup_vs_dense": paired_median(timing["dense"]["samples"], timing[key]["samples"]),
+                "speedup_vs_per_head": (paired_median(timing[per_head]["samples"], timing[key]["samples"])
+                                        if per_head in timing else None),
                 "rounds": timing["repeats"], "forwards_per_sample": timing["number"], "loadavg_1min": load,
             })
-            log(row(points[-1]))
+            log(" | ".join(str(cell) for cell in cells(points[-1])))
     return points
 
 
@@ -159,16 +152,16 @@ HEADER = ("size", "tokens", "batch", "granularity", "sparsity", "ms (median)", "
           "FLOP ratio", "padding")
 
 
-def row(p: dict) -> str:
+def cells(p: dict) -> tuple:
     t = p["timing"]
-    cells = (p["size"], p["tokens"], p["batch"], p["granularity"], f"{p['attention_sparsity']:.1%}",
-             f"{t['median']:.2f}", f"{t['q1']:.2f}-{t['q3']:.2f}", f"{p['speedup_vs_dense']:.2f}x",
-             "" if p["speedup_vs_per_head"] is None else f"{p['speedup_vs_per_head']:.2f}x",
-             f"{p['flop_ratio']:.2f}x", f"{p['padding_ratio']:.2f}")
-    return "| " + " | ".join(str(c) for c in cells) + " |"
+    return (p["size"], p["tokens"], p["batch"], p["granularity"], f"{p['attention_sparsity']:.1%}",
+            f"{t['median']:.2f}", f"{t['q1']:.2f}-{t['q3']:.2f}", f"{p['speedup_vs_dense']:.2f}x",
+            "" if p["speedup_vs_per_head"] is None else f"{p['speedup_vs_per_head']:.2f}x",
+            f"{p['flop_ratio']:.2f}x", f"{p['padding_ratio']:.2f}")
 
 
 def markdown(results: dict) -> str:
+    """Every model of every size and batch, under a line saying where and how it was measured."""
     env, points = results["environment"], results["points"]
     load = max((p["loadavg_1min"]["after"] for p in points), default=0.0)
     lines = [
@@ -179,10 +172,9 @@ def markdown(results: dict) -> str:
         "padding: attention-matmul MACs the SDPA calls run (each head padded to the widest Q/K or V dim of its "
         "call) over those the kept channels need.",
         "",
-        "| " + " | ".join(HEADER) + " |",
-        "|" + "|".join("---" for _ in HEADER) + "|",
+        *markdown_table(HEADER, [cells(p) for p in points]),
     ]
-    return "\n".join(lines + [row(p) for p in points])
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -197,10 +189,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own; 1 is steadier on a "
                         "machine other jobs share: a descheduled OpenMP thread stalls every parallel region)")
     parser.add_argument("--out", type=Path, default=RESULTS / "granularity_latency-cpu.json")
-    parser.add_argument("--from-json", type=Path, help="print the markdown table of an existing results file and exit")
+    add_from_json(parser)
     args = parser.parse_args(argv)
-    args.sizes, args.granularities = csv(str, args.sizes), csv(str, args.granularities)
-    args.batches, args.sparsities = csv(int, args.batches), csv(float, args.sparsities)
+    args.sizes, args.granularities = comma_list(str, args.sizes), comma_list(str, args.granularities)
+    args.batches, args.sparsities = comma_list(int, args.batches), comma_list(float, args.sparsities)
     unknown = [s for s in args.sizes if s not in SIZES] + [g for g in args.granularities if g not in GRANULARITY_NAMES]
     if unknown:
         parser.error(f"unknown size or granularity: {', '.join(unknown)}")
@@ -211,26 +203,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        print(markdown(json.loads(args.from_json.read_text())))
-        return
+        return print_from_json(args.from_json, markdown)
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = {key: value for key, value in vars(args).items() if key not in ("out", "from_json")}
-    results = {"environment": environment(torch.device("cpu")),
+    results = {"environment": environment(),
                "settings": {**settings, "scorer": SCORER, "threshold": THRESHOLD, "min_sample_s": MIN_SAMPLE_S},
                "points": []}
     start = time.perf_counter()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for size in args.sizes:  # written after every size, so an interrupted run keeps what it measured
+    for size in args.sizes:
         results["points"] += bench_size(size, args)
         results["environment"]["wall_s"] = time.perf_counter() - start
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        write_results(results, args.out)
     log(f"wrote {args.out} ({results['environment']['wall_s']:.0f} s)")
     print(markdown(results))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

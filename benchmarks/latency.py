@@ -1,17 +1,14 @@
 """Latency of dense vs pruned AST, next to a model built natively at the pruned shapes (pruned/native <= 1.05).
 
-    python benchmarks/latency.py [--quick] [--device cuda]    |    python benchmarks/latency.py --from-json FILE
+    python -m benchmarks.latency [--quick] [--device cuda]    |    python -m benchmarks.latency --from-json FILE
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -21,10 +18,11 @@ import torch
 import transformers
 from torch import nn
 
+from benchmarks.common import (RESULTS, add_from_json, comma_list, environment, log, markdown_table, paired_median,
+                               print_from_json, rotated, write_results)
 from prune_core import attention_sites, attention_sparsity, build_ast, macs_per_sample, prune
 from prune_core.attention import LayerShape, fused_attention
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BASE = {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072, "num_mel_bins": 128}
 SIZES: dict[str, dict[str, int]] = {
     # the demo baseline (search/baseline.py BaselineConfig defaults): 47 tokens
@@ -80,11 +78,11 @@ def native_like(pruned: nn.Module, config: transformers.ASTConfig) -> nn.Module:
 
 
 @torch.inference_mode()
-def check_equivalent(pruned: nn.Module, native: nn.Module, inputs: torch.Tensor) -> float:
-    """Max |logit difference|; raises if the native model does not compute what the pruned one does."""
-    diff = (pruned(input_values=inputs).logits - native(input_values=inputs).logits).abs().max().item()
+def check_equivalent(model: nn.Module, pruned: nn.Module, inputs: torch.Tensor, what: str) -> float:
+    """Max |logit difference|; raises if `model` (`what` it is) does not compute what the pruned model does."""
+    diff = (model(input_values=inputs).logits - pruned(input_values=inputs).logits).abs().max().item()
     if diff > EQUIVALENCE_TOL:
-        raise RuntimeError(f"native model differs from the pruned one by {diff:.2e} > {EQUIVALENCE_TOL:.0e}")
+        raise RuntimeError(f"{what} differs from the pruned model by {diff:.2e} > {EQUIVALENCE_TOL:.0e}")
     return diff
 
 
@@ -124,7 +122,7 @@ def time_interleaved(models: dict[str, nn.Module], inputs: torch.Tensor, *, warm
     names = list(models)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in rotated(names, r):
             samples[name].append(sample_ms(models[name], inputs, number))
     return {"repeats": repeats, "number": number, "warmup": warmup, **{name: summary(s) for name, s in samples.items()}}
 
@@ -171,7 +169,7 @@ def bench_size(size: str, args: argparse.Namespace, device: torch.device) -> tup
     for granularity, target in variants:
         pruned = pruned_copy(dense, granularity, args.threshold, target)
         native = native_like(pruned, config)
-        diff = check_equivalent(pruned, native, inputs[min(args.batches)])
+        diff = check_equivalent(native, pruned, inputs[min(args.batches)], "the native model")
         common = {
             "size": size, "tokens": tokens, "granularity": granularity, "threshold": args.threshold,
             "target_sparsity": target, "attention_sparsity": attention_sparsity(pruned),
@@ -183,7 +181,7 @@ def bench_size(size: str, args: argparse.Namespace, device: torch.device) -> tup
             timing = time_interleaved({"dense": dense, "pruned": pruned, "native": native}, inputs[batch],
                                       warmup=args.warmup, repeats=args.repeats, budget_s=args.point_budget_s)
             points.append(point(common, batch, timing, (before, os.getloadavg()[0])))
-            log(row(points[-1]))
+            log(" | ".join(str(cell) for cell in cells(points[-1])))
         del pruned, native
     return points, skipped
 
@@ -199,50 +197,28 @@ def pruned_copy(dense: nn.Module, granularity: str, threshold: str, target: floa
 
 def point(common: dict, batch: int, timing: dict, load: tuple[float, float]) -> dict:
     """One result; the ratios pair the samples of each round, so noise that lasts a round cancels out."""
-    ratio = paired_median(timing["pruned"], timing["native"])
+    ratio = paired_median(timing["pruned"]["samples"], timing["native"]["samples"])
     return {
         **common, "batch": batch, **timing, "pruned_over_native": ratio,
-        "speedup_vs_dense": paired_median(timing["dense"], timing["pruned"]), "overhead_ok": ratio <= MAX_OVERHEAD,
+        "speedup_vs_dense": paired_median(timing["dense"]["samples"], timing["pruned"]["samples"]),
+        "overhead_ok": ratio <= MAX_OVERHEAD,
         "loadavg_1min": {"before": load[0], "after": load[1]},
     }
-
-
-def paired_median(numerator: dict, denominator: dict) -> float:
-    return statistics.median(n / d for n, d in zip(numerator["samples"], denominator["samples"]))
-
-
-def environment(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device.type, "device_name": name, "torch": torch.__version__,
-        "transformers": transformers.__version__, "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-    }
-
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
 
 
 HEADER = ("size", "tokens", "batch", "granularity", "sparsity", "dense ms", "pruned ms", "native ms", "pruned/native",
           "speedup", "FLOP ratio")
 
 
-def row(p: dict) -> str:
-    cells = (p["size"], p["tokens"], p["batch"], p["granularity"], f"{p['attention_sparsity']:.1%}",
-             f"{p['dense']['median']:.2f}", f"{p['pruned']['median']:.2f}", f"{p['native']['median']:.2f}",
-             f"{p['pruned_over_native']:.3f}" + ("" if p["overhead_ok"] else " (!)"),
-             f"{p['speedup_vs_dense']:.2f}x", f"{p['flop_ratio']:.2f}x")
-    return "| " + " | ".join(str(c) for c in cells) + " |"
+def cells(p: dict) -> tuple:
+    return (p["size"], p["tokens"], p["batch"], p["granularity"], f"{p['attention_sparsity']:.1%}",
+            f"{p['dense']['median']:.2f}", f"{p['pruned']['median']:.2f}", f"{p['native']['median']:.2f}",
+            f"{p['pruned_over_native']:.3f}" + ("" if p["overhead_ok"] else " (!)"),
+            f"{p['speedup_vs_dense']:.2f}x", f"{p['flop_ratio']:.2f}x")
 
 
 def markdown(results: dict) -> str:
-    """The README table: one row per point, with a line saying where and how it was measured."""
+    """Every point, one row each, under a line saying where and how it was measured."""
     env, points = results["environment"], results["points"]
     ok = sum(p["overhead_ok"] for p in points)
     load = max((p["loadavg_1min"]["after"] for p in points), default=0.0)
@@ -253,26 +229,34 @@ def markdown(results: dict) -> str:
         f"{results['settings']['threshold']} threshold, highest 1-min load average {load:.1f} on "
         f"{env['cpu_count']} cores; pruned/native <= {MAX_OVERHEAD} at {ok}/{len(points)} points.",
         "",
-        "| " + " | ".join(HEADER) + " |",
-        "|" + "|".join("---" for _ in HEADER) + "|",
+        *markdown_table(HEADER, [cells(p) for p in sorted(points, key=table_order)]),
     ]
-    lines += [row(p) for p in sorted(points, key=table_order)]
     if results["skipped"]:
         lines += ["", *(f"Not run: {s['size']} batch {s['batch']} ({s['reason']})." for s in results["skipped"])]
     return "\n".join(lines)
 
 
+def summary_markdown(results: dict) -> str:
+    """One row per size, batch and granularity: the speedup over dense at each sparsity target, the FLOP
+    ratio beside it, and the worst pruned/native of the row."""
+    rows: dict[tuple, dict[float, dict]] = {}
+    for p in sorted(results["points"], key=table_order):
+        if p["granularity"] != CONTROL:
+            rows.setdefault((p["size"], p["tokens"], p["batch"], p["granularity"]), {})[p["target_sparsity"]] = p
+    targets = sorted({target for row in rows.values() for target in row})
+    header = ("size", "tokens", "batch", "granularity", *(f"{t:.0%}" for t in targets), "worst pruned/native")
+    table = [
+        (*key, *(f"{row[t]['speedup_vs_dense']:.2f}x ({row[t]['flop_ratio']:.2f}x)" if t in row else "" for t in targets),
+         f"{max(p['pruned_over_native'] for p in row.values()):.3f}")
+        for key, row in rows.items()
+    ]
+    return "\n".join(["Speedup over dense at each attention sparsity target (in brackets: the FLOP ratio, the "
+                      "speedup the removed work allows).", "", *markdown_table(header, table)])
+
+
 def table_order(p: dict) -> tuple:
     granularities = (CONTROL, *GRANULARITY_NAMES)
     return list(SIZES).index(p["size"]), p["batch"], granularities.index(p["granularity"]), p["target_sparsity"]
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def csv(kind: type, text: str) -> list:
-    return [kind(item) for item in text.split(",") if item]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -292,7 +276,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="JSON results (default: benchmarks/results/latency-<device>.json)")
     parser.add_argument("--quick", action="store_true", help="smoke run: demo and base-sc, batch 1, 30%% and 60%%, "
                         f"{QUICK['repeats']} repeats (default --out ...-quick.json)")
-    parser.add_argument("--from-json", type=Path, help="print the markdown table of an existing results file and exit")
+    add_from_json(parser)
     args = parser.parse_args(argv)
     if args.quick:
         for name, value in QUICK.items():
@@ -301,8 +285,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    args.sizes, args.granularities = csv(str, args.sizes), csv(str, args.granularities)
-    args.batches, args.sparsities = csv(int, args.batches), csv(float, args.sparsities)
+    args.sizes, args.granularities = comma_list(str, args.sizes), comma_list(str, args.granularities)
+    args.batches, args.sparsities = comma_list(int, args.batches), comma_list(float, args.sparsities)
     unknown = [s for s in args.sizes if s not in SIZES] + [g for g in args.granularities if g not in GRANULARITY_NAMES]
     if unknown:
         parser.error(f"unknown size or granularity: {', '.join(unknown)}")
@@ -317,26 +301,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        print(markdown(json.loads(args.from_json.read_text())))
-        return
+        return print_from_json(args.from_json, markdown)
     device = torch.device(args.device)
     settings = {key: value for key, value in vars(args).items() if key not in ("out", "from_json", "device")}
-    results = {"environment": environment(device), "settings": {**settings, "scorer": SCORER}, "points": [],
+    results = {"environment": environment(args.device), "settings": {**settings, "scorer": SCORER}, "points": [],
                "skipped": []}
     start = time.perf_counter()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for size in args.sizes:  # written after every size, so an interrupted run keeps what it measured
+    for size in args.sizes:
         points, skipped = bench_size(size, args, device)
         results["points"] += points
         results["skipped"] += skipped
         results["environment"]["wall_s"] = time.perf_counter() - start
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        write_results(results, args.out)
     log(f"wrote {args.out} ({results['environment']['wall_s']:.0f} s)")
     print(markdown(results))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,17 +10,15 @@ attention sparsity, LoRA after each step) with `searcher: grid` on the embedded 
 Each comparison pairs strategies that differ only in that factor (same seed) and reports the mean
 difference in validation and test accuracy and how many pairs the first side wins.
 
-    python benchmarks/paper_proxy.py [--seeds 2] [--train-batches 24]
-    python benchmarks/paper_proxy.py --from-json benchmarks/results/paper_proxy.json
+    python -m benchmarks.paper_proxy [--seeds 2] [--train-batches 24]
+    python -m benchmarks.paper_proxy --from-json benchmarks/results/paper_proxy.json
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 from collections.abc import Callable
@@ -28,8 +26,8 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.common import (RESULTS, ROOT, add_demo_inputs, add_from_json, demo_inputs_missing, environment,
+                               markdown_table, print_from_json, write_results)
 GRANULARITIES = ("entire_head", "per_head", "same_channel")
 SPACE = {
     "granularity": list(GRANULARITIES),
@@ -173,26 +171,36 @@ def plot_layers(summary: list[dict], path: Path, target: float) -> None:
     plt.close(figure)
 
 
-def tables(results: dict) -> str:
-    lines = ["| strategy | attention sparsity | validation | test | latency ms |", "|---|---|---|---|---|"]
+def markdown(results: dict) -> str:
+    """The answers to the questions, then every strategy (best test accuracy first), then where each cuts."""
     grouped: dict[tuple, list[dict]] = {}
     for row in results["rows"]:
         grouped.setdefault((row["granularity"], row["scorer"], row["threshold"]), []).append(row)
+    strategies = []
     for key, rows in sorted(grouped.items(), key=lambda kv: -statistics.fmean(r["test"] or 0 for r in kv[1])):
-        mean = {k: statistics.fmean(r[k] for r in rows if r[k] is not None) for k in ("attention_sparsity", "validation", "test", "latency_ms")}
-        lines.append(f"| {'/'.join(key)} | {mean['attention_sparsity']:.1%} | {mean['validation']:.2%} | {mean['test']:.2%} | {mean['latency_ms']:.2f} |")
+        values = {k: [r[k] for r in rows if r[k] is not None] for k in ("attention_sparsity", "validation", "test")}
+        strategies.append(("/".join(key), f"{statistics.fmean(values['attention_sparsity']):.1%}",
+                           _mean_sd(values["validation"]), _mean_sd(values["test"])))
     dense = statistics.fmean(r["dense"] for r in results["rows"])
-    lines += ["", f"dense validation accuracy {dense:.2%}; means over {results['seeds']} seed(s)", "",
-              "| question | pairs | mean diff (validation) | wins (validation) | mean diff (test) | wins (test) | answer |",
-              "|---|---|---|---|---|---|---|"]
-    for a in results["answers"]:
-        lines.append(f"| {a['question']} | {a['pairs']} | {_pts(a['validation_mean_diff'])} | {a['validation_wins']} | "
-                     f"{_pts(a['test_mean_diff'])} | {a['test_wins']} | {a['verdict']} |")
-    lines += ["", "| strategy | most pruned layer | per-layer sparsity |", "|---|---|---|"]
-    for s in results["layers"]:
-        most = "all alike" if s["most_pruned_layer"] is None else s["most_pruned_layer"]
-        lines.append(f"| {s['strategy']} | {most} | {' '.join(f'{v:.2f}' for v in s['mean_layer_sparsity'])} |")
-    return "\n".join(lines)
+    answers = [(a["question"], a["pairs"], _pts(a["validation_mean_diff"]), a["validation_wins"],
+                _pts(a["test_mean_diff"]), a["test_wins"], a["verdict"]) for a in results["answers"]]
+    layers = [(s["strategy"], "all alike" if s["most_pruned_layer"] is None else s["most_pruned_layer"],
+               " ".join(f"{v:.2f}" for v in s["mean_layer_sparsity"])) for s in results["layers"]]
+    return "\n".join([
+        *markdown_table(("question", "pairs", "mean diff (validation)", "wins (validation)", "mean diff (test)",
+                         "wins (test)", "answer (test)"), answers),
+        "",
+        f"Dense validation accuracy {dense:.2%}; means (± sd) over {results['seeds']} seed(s), best test first:",
+        "",
+        *markdown_table(("strategy", "attention sparsity", "validation", "test"), strategies),
+        "",
+        *markdown_table(("strategy", "most pruned layer", "per-layer sparsity (layer 0 first)"), layers),
+    ])
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):.2%}{sd}"
 
 
 def _pts(value: float | None) -> str:
@@ -201,8 +209,7 @@ def _pts(value: float | None) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT / "runs" / "data" / "commands")
-    parser.add_argument("--baseline", type=Path, default=ROOT / "runs" / "baseline")
+    add_demo_inputs(parser)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--granularities", type=lambda text: tuple(text.split(",")), default=GRANULARITIES,
@@ -212,7 +219,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-paper-proxy")
     parser.add_argument("--out", type=Path, default=RESULTS / "paper_proxy.json")
-    parser.add_argument("--from-json", type=Path, default=None, help="print the tables of a results file and stop")
+    add_from_json(parser)
     args = parser.parse_args(argv)
     unknown = [g for g in args.granularities if g not in GRANULARITIES]
     if unknown:
@@ -237,17 +244,15 @@ def run_grid(args: argparse.Namespace) -> dict:
         rows += [{**row, "seed": seed} for row in found]
         layers += profile
     return {
-        "environment": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        "python": platform.python_version(), "cpus": os.cpu_count()},
+        "environment": environment(packages=("torch", "transformers", "ray")),
         "settings": {k: str(v) for k, v in vars(args).items()}, "seeds": args.seeds,
         "rows": rows, "answers": compare(rows), "layers": layer_summary(layers),
     }
 
 
-def write(results: dict, out: Path, target: float, render: Callable[[dict], str] = tables) -> None:
+def write(results: dict, out: Path, target: float, render: Callable[[dict], str] = markdown) -> None:
     """The JSON, the per-layer plot beside it (<name>_layers.png), and the tables (`render`) on stdout."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    write_results(results, out)
     plot = out.with_name(f"{out.stem}_layers.png")
     plot_layers(results["layers"], plot, target)
     print("\n" + render(results))
@@ -257,12 +262,9 @@ def write(results: dict, out: Path, target: float, render: Callable[[dict], str]
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        print(tables(json.loads(args.from_json.read_text())))
-        return 0
-    for path, what in ((args.data / "manifest.json", "--data"), (args.baseline / "config.json", "--baseline")):
-        if not path.is_file():
-            print(f"error: {what}: {path} is missing; `make demo` writes the embedded data and baseline", file=sys.stderr)
-            return 2
+        return print_from_json(args.from_json, markdown)
+    if demo_inputs_missing(args):
+        return 2
     write(run_grid(args), args.out, args.target)
     return 0
 

@@ -1,18 +1,14 @@
 """Data-prep throughput: `prepare` (Ray, 1 and 2 workers) vs a per-clip ASTFeatureExtractor loop, and the
 memory-mapped shard loader vs features computed on the fly.
 
-    python benchmarks/prepare_throughput.py [--quick]    |    python benchmarks/prepare_throughput.py --from-json FILE
+    python -m benchmarks.prepare_throughput [--quick]    |    python -m benchmarks.prepare_throughput --from-json FILE
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import importlib.metadata
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -26,12 +22,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from transformers import ASTFeatureExtractor
 
-# Benchmark the checkout this file is in, whatever the editable install points at: its root heads the import
-# path, here and (PYTHONPATH) in Ray's workers; its own folder goes, where `import data_prep` would find this file.
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() not in (ROOT, ROOT / "benchmarks")]
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
-
+import data_prep
+from benchmarks.common import (RESULTS, add_from_json, comma_list, environment, log, markdown_table, paired_median,
+                               print_from_json, rotated, write_results)
 from data_prep.audio import load_audio
 from data_prep.features import AST_STATS, FeatureParams, fbank, normalize
 from data_prep.loader import LoaderConfig, make_loader
@@ -39,7 +32,6 @@ from data_prep.shards import PrepareConfig, prepare
 from data_prep.sources import Clip, list_source
 from data_prep.synth import SynthConfig, synthesize
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIZES: dict[str, tuple[int, int]] = {"demo": (64, 100), "base-sc": (128, 128)}  # (mel bins, frames)
 SOURCE, TASK = "speechcommands", 35
 WORKERS = (1, 2)
@@ -47,30 +39,8 @@ LOADER_WORKERS = (0, 2)  # DataLoader workers of the on-the-fly baseline
 BATCH = 64
 MIN_SAMPLE_S = 1.0  # a loader timing sample runs whole epochs until it lasts this long
 QUIET_SHARE, SETTLE_MAX_S = 0.15, 60.0  # before each sample: wait until the CPUs are this idle, at most this long
+PACKAGES = ("torch", "torchaudio", "transformers", "ray", "pyarrow", "numpy", "soundfile")  # versions recorded
 QUICK = {"clips_per_word": 10, "rounds": 2, "out": Path(tempfile.gettempdir()) / "data_prep-quick.json"}
-
-
-def environment() -> dict:
-    versions = {name: importlib.metadata.version(name)
-                for name in ("torch", "torchaudio", "transformers", "ray", "pyarrow", "numpy", "soundfile")}
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "data_prep": str(Path(sys.modules["data_prep"].__file__).parent),
-        **versions,
-    }
-
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def load() -> float:
@@ -110,19 +80,8 @@ def timed(run: Callable[[], dict]) -> dict:
     return {**result, **settled, "loadavg_1min": {"before": before, "after": load()}}
 
 
-def rotated(names: list[str], round_index: int) -> list[str]:
-    """The variants in the order of this round: the start rotates, so machine noise hits each alike."""
-    shift = round_index % len(names)
-    return names[shift:] + names[:shift]
-
-
 def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "samples": values}
-
-
-def paired_median(numerators: list[float], denominators: list[float]) -> float:
-    """Median of the per-round ratios, so noise that lasts one round cancels out."""
-    return statistics.median(n / d for n, d in zip(numerators, denominators))
 
 
 # --- prepare vs the extractor loop ------------------------------------------------------------------------
@@ -290,50 +249,42 @@ def bench_loader(size: tuple[int, int], source: Path, prepared: Path, rounds: in
 
 
 def markdown(results: dict) -> str:
-    """The README tables: prepare vs the extractor loop, then the shard loader vs on the fly."""
+    """Two tables: prepare vs the extractor loop, then the shard loader vs features on the fly."""
     env, settings = results["environment"], results["settings"]
     points = [p for size in results["sizes"].values() for p in (size.get("prepare"), size.get("loader")) if p]
     highest = max((run["loadavg_1min"]["after"] for p in points for v in p["variants"].values() for run in v["runs"]),
                   default=0.0)
-    lines = [
+    prepared, loaded = [], []
+    for name, size in results["sizes"].items():
+        features = f"{name} {size['mel']}x{size['frames']}"
+        part = size["prepare"]
+        for variant, v in part["variants"].items():
+            ray = (f"{v['end_to_end_clips_per_s']['median']:.0f}", f"{v['end_to_end_speedup']:.2f}x",
+                   f"{v['ray_start_s']['median']:.1f}") if variant.startswith("prepare") else ("", "", "")
+            prepared.append((features, part["clips"], variant, f"{v['clips_per_s']['median']:.0f}",
+                             f"{v['speedup']:.2f}x", *ray))
+        part = size["loader"]
+        loaded += [(features, part["rows"], variant, f"{v['samples_per_s']['median']:.0f}", f"{v['shards_speedup']:.2f}x")
+                   for variant, v in part["variants"].items()]
+    return "\n".join([
         f"{env['cpu']} ({env['cpu_count']} cores, torch {env['torch']} with {env['torch_threads']} threads, Ray "
         f"{env['ray']}), {env['date'][:10]}; medians of {settings['rounds']} interleaved rounds (speedups: medians "
         f"of per-round ratios), each run started on settled CPUs (<= {QUIET_SHARE:.0%} busy); synthetic 1 s 16 kHz "
         f"WAVs (page-cached); highest 1-min load average {highest:.1f}.",
         "",
-        "| features | clips | variant | clips/s (Ray up) | speedup | clips/s incl. Ray start | speedup | Ray start s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, size in results["sizes"].items():
-        part = size["prepare"]
-        for variant, v in part["variants"].items():
-            cells = [f"{name} {size['mel']}x{size['frames']}", part["clips"], variant,
-                     f"{v['clips_per_s']['median']:.0f}", f"{v['speedup']:.2f}x"]
-            if variant.startswith("prepare"):
-                cells += [f"{v['end_to_end_clips_per_s']['median']:.0f}", f"{v['end_to_end_speedup']:.2f}x",
-                          f"{v['ray_start_s']['median']:.1f}"]
-            else:
-                cells += ["", "", ""]
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    lines += [
+        *markdown_table(("features", "clips", "variant", "clips/s (Ray up)", "speedup", "clips/s incl. Ray start",
+                         "speedup", "Ray start s"), prepared),
         "",
         "Speedups against the faster extractor loop (`extractor-Nt`: soundfile.read + ASTFeatureExtractor per clip in "
         "one process with N torch threads, no writing); `prepare` also writes float16 Parquet shards, the "
         "train statistics and the manifest. Ray start = `ray.init`, the workers' imports and Ray Data's actors (once per "
         "run of `prepare`).",
         "",
-        "| features | train rows | loader | samples/s | shard loader speedup |",
-        "|---|---|---|---|---|",
-    ]
-    for name, size in results["sizes"].items():
-        part = size["loader"]
-        for variant, v in part["variants"].items():
-            cells = [f"{name} {size['mel']}x{size['frames']}", part["rows"], variant,
-                     f"{v['samples_per_s']['median']:.0f}", f"{v['shards_speedup']:.2f}x"]
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    lines += ["", f"Batch {BATCH}, shuffled, no augmentation; on-the-fly-wN: a DataLoader with N (persistent) workers "
-              "reading each WAV and computing fbank + normalize per item."]
-    return "\n".join(lines)
+        *markdown_table(("features", "train rows", "loader", "samples/s", "shard loader speedup"), loaded),
+        "",
+        f"Batch {BATCH}, shuffled, no augmentation; on-the-fly-wN: a DataLoader with N (persistent) workers "
+        "reading each WAV and computing fbank + normalize per item.",
+    ])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -347,13 +298,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS / "data_prep.json", help="JSON results")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK['clips_per_word']} clips per word, "
                         f"{QUICK['rounds']} rounds, --out {QUICK['out']}")
-    parser.add_argument("--from-json", type=Path, help="print the markdown tables of an existing results file and exit")
+    add_from_json(parser)
     args = parser.parse_args(argv)
     if args.quick:
         for name, value in QUICK.items():
             if parser.get_default(name) == getattr(args, name):
                 setattr(args, name, value)
-    args.sizes = [s for s in args.sizes.split(",") if s]
+    args.sizes = comma_list(str, args.sizes)
     unknown = [s for s in args.sizes if s not in SIZES]
     if unknown:
         parser.error(f"unknown size: {', '.join(unknown)}")
@@ -362,20 +313,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        print(markdown(json.loads(args.from_json.read_text())))
-        return
+        return print_from_json(args.from_json, markdown)
     start = time.perf_counter()
     source = args.work / f"synth-{args.clips_per_word}"
     made = synthesize(source, SynthConfig(clips_per_word=args.clips_per_word, seed=0), workers=2, progress=False)
     log(f"synthetic set {source}: {sum(made.clips.values())} clips ({'reused' if made.reused else 'made'})")
     settings = {"clips_per_word": args.clips_per_word, "rounds": args.rounds, "source": str(source),
                 "min_loader_sample_s": MIN_SAMPLE_S}
-    results = {"environment": environment(), "settings": settings, "sizes": {}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for name in args.sizes:  # written after every size, so an interrupted run keeps what it measured
+    results = {"environment": {**environment(packages=PACKAGES), "data_prep": str(Path(data_prep.__file__).parent)},
+               "settings": settings, "sizes": {}}
+    for name in args.sizes:
         size = SIZES[name]
         prepared = args.work / f"prepared-{name}"
         log(f"{name} {size[0]} mel x {size[1]} frames")
@@ -383,10 +333,11 @@ def main(argv: list[str] | None = None) -> None:
                                   "prepare": bench_prepare(size, source, prepared, args.rounds),
                                   "loader": bench_loader(size, source, prepared, args.rounds)}
         results["environment"]["wall_s"] = time.perf_counter() - start
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        write_results(results, args.out)
     log(f"wrote {args.out} ({results['environment']['wall_s']:.0f} s)")
     print(markdown(results))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,12 +1,11 @@
 """Cost of every scorer on one calibration set, against one forward+backward pass over it (fisher <= 1.5x).
 
-    python benchmarks/scoring_cost.py [--sizes demo,base-short] [--repeats 7]    |    ... --from-json FILE
+    python -m benchmarks.scoring_cost [--sizes demo,base-short] [--repeats 7]    |    ... --from-json FILE
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -18,11 +17,12 @@ import torch
 import transformers
 from torch import nn
 
-from latency import environment, tokens_of
+from benchmarks.common import (RESULTS, add_from_json, comma_list, environment, log, markdown_table, print_from_json,
+                               rotated, write_results)
+from benchmarks.latency import tokens_of
 from prune_core import SCORERS, attention_params, attention_sites, build_ast, total_params
 from prune_core.batches import Batch, default_loss, to_device
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIZES: dict[str, dict] = {
     # the model `make demo` trains: search/baseline.py BaselineConfig defaults (mirrored to keep Ray out of
     # this benchmark; tests/test_benchmarks_smoke.py checks they agree), features as search/demo.py
@@ -113,7 +113,7 @@ def measure(model: nn.Module, calib: list[Batch], *, repeats: int, warmup: int) 
             runs[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in rotated(names, r):
             samples[name].append(seconds(runs[name], device))
     reference = statistics.median(samples[REFERENCE])
     timings = {
@@ -139,39 +139,30 @@ def bench_size(size: str, args: argparse.Namespace, device: torch.device) -> dic
     }
 
 
-HEADER = ("size", "tokens", "calibration", "pass", "median s", "min s", "x fwd+bwd")
-
-
-def rows(result: dict) -> list[str]:
-    lines = []
-    for name, t in result["timings"].items():
-        flag = " (!)" if name == "fisher" and not result["fisher_within_1_5x"] else ""
-        cells = (result["size"], result["tokens"], f"{result['batches']} x {result['batch_size']}", name,
-                 f"{t['median_s']:.4f}", f"{t['min_s']:.4f}", f"{t['ratio_to_fwd_bwd']:.2f}x{flag}")
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return lines
+def cells(result: dict, others: list[str]) -> tuple:
+    """One size: its fwd+bwd seconds, then every other pass as a multiple of them."""
+    timings = result["timings"]
+    flag = "" if result["fisher_within_1_5x"] else " (!)"
+    return (result["size"], result["tokens"], f"{result['params']:,}", f"{result['batches']} x {result['batch_size']}",
+            f"{timings[REFERENCE]['median_s']:.3f}",
+            *(f"{timings[name]['ratio_to_fwd_bwd']:.2f}x" + (flag if name == "fisher" else "") for name in others))
 
 
 def markdown(results: dict) -> str:
-    """The table: one row per size and pass, with a line saying where and how it was measured."""
+    """One row per size, every pass's median as a multiple of the forward+backward median, under a line saying
+    where and how it was measured."""
     env, sizes = results["environment"], results["sizes"]
     load = max((s["loadavg_1min"]["after"] for s in sizes), default=0.0)
     verdict = "yes" if results["fisher_within_1_5x"] else "NO"
-    lines = [
+    others = [name for name in (sizes[0]["timings"] if sizes else ()) if name != REFERENCE]
+    header = ("size", "tokens", "parameters", "calibration", "fwd+bwd s", *others)
+    return "\n".join([
         f"{env['device_name']} ({env['device']}, {env['torch_threads']} threads), torch {env['torch']}, "
         f"{env['date'][:10]}; {results['settings']['repeats']} interleaved rounds, medians; highest 1-min load "
         f"average {load:.1f} on {env['cpu_count']} cores; fisher within {FISHER_LIMIT}x of fwd+bwd: {verdict}.",
         "",
-        "| " + " | ".join(HEADER) + " |",
-        "|" + "|".join("---" for _ in HEADER) + "|",
-    ]
-    for size in sizes:
-        lines += rows(size)
-    return "\n".join(lines)
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+        *markdown_table(header, [cells(size, others) for size in sizes]),
+    ])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -188,11 +179,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path,
                         help="JSON results (default: benchmarks/results/scoring_cost-<device>.json)")
-    parser.add_argument("--from-json", type=Path, help="print the markdown table of an existing results file and exit")
+    add_from_json(parser)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    args.sizes = [s for s in args.sizes.split(",") if s]
+    args.sizes = comma_list(str, args.sizes)
     unknown = [s for s in args.sizes if s not in SIZES]
     if unknown or not args.sizes:
         parser.error(f"unknown size: {', '.join(unknown)}" if unknown else "--sizes names no size")
@@ -205,29 +196,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        print(markdown(json.loads(args.from_json.read_text())))
-        return
+        return print_from_json(args.from_json, markdown)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     settings = {key: value for key, value in vars(args).items() if key not in ("out", "from_json", "device",
                                                                                  "calibration")}
-    results = {"environment": environment(device), "settings": {**settings, "fisher_limit": FISHER_LIMIT,
+    results = {"environment": environment(args.device), "settings": {**settings, "fisher_limit": FISHER_LIMIT,
                                                                "reference": REFERENCE_NOTE},
                "sizes": [], "fisher_within_1_5x": True}
     start = time.perf_counter()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for size in args.sizes:  # written after every size, so an interrupted run keeps what it measured
+    for size in args.sizes:
         results["sizes"].append(bench_size(size, args, device))
         results["fisher_within_1_5x"] = all(s["fisher_within_1_5x"] for s in results["sizes"])
         results["environment"]["wall_s"] = time.perf_counter() - start
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
-        log("\n".join(rows(results["sizes"][-1])))
+        write_results(results, args.out)
+        log(f"{size}: " + ", ".join(f"{name} {t['ratio_to_fwd_bwd']:.2f}x"
+                                    for name, t in results["sizes"][-1]["timings"].items()))
     log(f"wrote {args.out} ({results['environment']['wall_s']:.0f} s)")
     print(markdown(results))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,17 +9,15 @@ on the embedded data and baseline (`make demo` writes them), for several seeds. 
 replays the order in which prune steps finished and reports the hypervolume of the front after
 every step, the steps needed to reach 95% of the best final hypervolume seen, and medians.
 
-    python benchmarks/search_efficiency.py [--seeds 3] [--budget 60] [--methods grid,random,...]
-    python benchmarks/search_efficiency.py --from-json benchmarks/results/search_efficiency.json
+    python -m benchmarks.search_efficiency [--seeds 3] [--budget 60] [--methods grid,random,...]
+    python -m benchmarks.search_efficiency --from-json benchmarks/results/search_efficiency.json
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.common import (RESULTS, ROOT, add_demo_inputs, add_from_json, demo_inputs_missing, environment,
+                               markdown_table, print_from_json, write_results)
 METHODS = {
     "optuna_asha": {"searcher": "optuna", "scheduler": "asha"},
     "optuna_pareto_asha": {"searcher": "optuna", "scheduler": "pareto_asha"},
@@ -186,34 +184,40 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def table(results: dict) -> str:
+def markdown(results: dict) -> str:
+    """Per method, the medians over seeds (wall time included); then every run, seed by seed."""
     levels = [f"{level:.0%}" for level in REACHES]
-    lines = ["| method | runs | median final hypervolume | "
-             + " | ".join(f"median steps to {level} of best (reached)" for level in levels)
-             + " | sparsest within 1 pt of dense (median) | median minutes |",
-             "|---|---|---|" + "---|" * len(levels) + "---|---|"]
-    for method, m in results["summary"]["methods"].items():
-        steps = " | ".join(("not reached" if m["median_steps_to_reach"][level] is None
-                            else f"{m['median_steps_to_reach'][level]:g}") + f" ({m['reached'][level]})"
-                           for level in levels)
-        lines.append(f"| {method} | {m['runs']} | {m['median_final_hypervolume']:.4f} | {steps} | "
-                     f"{m['median_best_sparsity_within_1pt']:.1%} | {m['median_seconds'] / 60:.1f} |")
-    return "\n".join(lines)
-
-
-def environment() -> dict:
-    import ray
-    import torch
-
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "cpus": os.cpu_count(), "machine": platform.machine()}
+    header = ("method", "runs", "final hypervolume", *(f"steps to {level} of best (reached)" for level in levels),
+              "sparsest within 1 pt of dense", "minutes")
+    methods = [
+        (method, m["runs"], f"{m['median_final_hypervolume']:.4f}",
+         *(("not reached" if m["median_steps_to_reach"][level] is None else f"{m['median_steps_to_reach'][level]:g}")
+           + f" ({m['reached'][level]})" for level in levels),
+         f"{m['median_best_sparsity_within_1pt']:.1%}", f"{m['median_seconds'] / 60:.1f}")
+        for method, m in results["summary"]["methods"].items()
+    ]
+    runs = [
+        (r["seed"], r["method"], f"{r['final_hypervolume']:.4f}",
+         *("not reached" if r["steps_to_reach"][level] is None else r["steps_to_reach"][level] for level in levels),
+         f"{r['seconds'] / 60:.1f}")
+        for r in sorted(results["runs"], key=lambda r: r["seed"])
+    ]
+    summary = results["summary"]
+    return "\n".join([
+        f"Medians over seeds; hypervolume reference (sparsity 0, metric {summary['reference'][1]:.4f}); best final "
+        f"hypervolume of all runs {summary['best_final_hypervolume']:.4f}; a median of steps is given when most "
+        "seeds reached the level.",
+        "",
+        *markdown_table(header, methods),
+        "",
+        *markdown_table(("seed", "method", "final hypervolume", *(f"steps to {level}" for level in levels), "minutes"),
+                        runs),
+    ])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT / "runs" / "data" / "commands")
-    parser.add_argument("--baseline", type=Path, default=ROOT / "runs" / "baseline")
+    add_demo_inputs(parser)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--budget", type=int, default=60, help="prune steps per run (the grid needs 60 to reach 50%%)")
@@ -223,7 +227,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calib-batches", type=int, default=2)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-search-efficiency")
     parser.add_argument("--out", type=Path, default=RESULTS / "search_efficiency.json")
-    parser.add_argument("--from-json", type=Path, default=None, help="print the table of a results file and stop")
+    add_from_json(parser)
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
     if unknown:
@@ -234,13 +238,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        print(table(json.loads(args.from_json.read_text())))
-        return 0
-    for path, what in ((args.data / "manifest.json", "--data"), (args.baseline / "config.json", "--baseline")):
-        if not path.is_file():
-            print(f"error: {what}: {path} is missing; `make demo` (or `prune-search data prepare` and "
-                  "`prune-search baseline`) writes the embedded data and baseline", file=sys.stderr)
-            return 2
+        return print_from_json(args.from_json, markdown)
+    if demo_inputs_missing(args):
+        return 2
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # each run tracks into the benchmark's own store
     args.work.mkdir(parents=True, exist_ok=True)
     done_file = args.work / "runs.json"  # finished runs survive an interrupted benchmark
@@ -256,12 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             runs.append({**run_one(method, seed, args, args.work), "budget": args.budget})
             done.append(runs[-1])
             done_file.write_text(json.dumps(done))
-    results = {"environment": environment(), "settings": {k: str(v) for k, v in vars(args).items()}, "runs": runs}
+    results = {"environment": environment(packages=("torch", "transformers", "ray", "optuna")), "settings": {k: str(v) for k, v in vars(args).items()}, "runs": runs}
     results["summary"] = summarize(runs, args.budget)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_results(results, args.out)
     plot(results, args.out.with_suffix(".png"))
-    print("\n" + table(results))
+    print("\n" + markdown(results))
     print(f"\nresults: {args.out}\nplot:    {args.out.with_suffix('.png')}")
     return 0
 

@@ -3,7 +3,7 @@
 The same path as an AST, end to end: `prune-search data synth-task` writes a synthetic task that only
 attention can solve (`relations`: 16x16 images for a ViT; `markers`: 32-token sequences for a BERT),
 `prune-search baseline` trains the model its input calls for from scratch (cached), and the paper's
-grid of strategies runs through the search (`searcher: grid`, as benchmarks/paper_proxy.py runs it on
+grid of strategies runs through the search (`searcher: grid`, as benchmarks.paper_proxy runs it on
 the AST), for a few seeds. The answers come from paper_proxy's paired comparisons, whichever way they
 come out: does Fisher beat magnitude, does a global threshold beat a local one, does entire-head beat
 channel pruning, and which layers each strategy prunes most.
@@ -11,26 +11,24 @@ channel pruning, and which layers each strategy prunes most.
 The default target is 70% attention sparsity: at 50% every strategy kept the ViT at its ceiling
 (benchmarks/results/transfer-vit.json of the first, prune_core-only version), which separates nothing.
 
-    python benchmarks/transfer.py [--model vit|bert] [--seeds 3] [--target 0.7]
-    python benchmarks/transfer.py --quick          # tiny sizes: a fast check of the whole path
-    python benchmarks/transfer.py --from-json benchmarks/results/transfer-vit.json
+    python -m benchmarks.transfer [--model vit|bert] [--seeds 3] [--target 0.7]
+    python -m benchmarks.transfer --quick          # tiny sizes: a fast check of the whole path
+    python -m benchmarks.transfer --from-json benchmarks/results/transfer-vit.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import paper_proxy
+from benchmarks import paper_proxy
+from benchmarks.common import RESULTS, ROOT, add_from_json, print_from_json
 from data_prep.synthetic_tasks import write_synthetic
 from search.baseline import BaselineConfig, train_baseline
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-TASKS = {"vit": "relations", "bert": "markers"}  # model family -> the synthetic task written for it
+SYNTHETIC_TASK_OF = {"vit": "relations", "bert": "markers"}  # model family -> the synthetic task written for it
 # Peak learning rate of the from-scratch baseline: post-LN BERT stalls at 2e-3 (22% validation, near chance).
 BASELINE_LR = {"vit": 2e-3, "bert": 5e-4}
 MIN_DENSE_ACCURACY = 0.8  # below this the comparison says little: warn (full size only)
@@ -62,23 +60,24 @@ SIZES = {
 }
 
 
-def tables(results: dict) -> str:
+def markdown(results: dict) -> str:
+    """The model and its dense accuracy, then the paper proxy's tables."""
     dense = results["dense"]
     return (f"{results['model']} on the synthetic {results['task']} task: dense validation {dense['validation']:.2%}, "
             f"test {dense['test']:.2%} ({dense['params']:,} parameters); pruned to {results['target']:.0%} "
-            f"attention sparsity\n\n" + paper_proxy.tables(results))
+            f"attention sparsity\n\n" + paper_proxy.markdown(results))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(TASKS), default="vit")
+    parser.add_argument("--model", choices=sorted(SYNTHETIC_TASK_OF), default="vit")
     parser.add_argument("--seeds", type=int, default=3, help="search seeds (LoRA init and batch order)")
     parser.add_argument("--target", type=float, default=None, help="attention sparsity to reach (default 0.7)")
     parser.add_argument("--quick", action="store_true", help="tiny data, model and budgets: checks the path, not the answer")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-transfer", help="data, baseline and searches")
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (default benchmarks/results/transfer-MODEL.json; with --quick, in --work)")
-    parser.add_argument("--from-json", type=Path, default=None, help="print the tables of a results file and stop")
+    add_from_json(parser)
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -93,14 +92,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        if not args.from_json.is_file():
-            print(f"error: --from-json: {args.from_json} does not exist", file=sys.stderr)
-            return 2
-        print(tables(json.loads(args.from_json.read_text())))
-        return 0
+        return print_from_json(args.from_json, markdown)
     sizes = SIZES["quick" if args.quick else "full"]
     target = sizes.target if args.target is None else args.target
-    task = TASKS[args.model]
+    task = SYNTHETIC_TASK_OF[args.model]
     data, baseline = args.work / f"data-{task}", args.work / f"baseline-{args.model}"
     write_synthetic(task, data, sizes.counts)
     sizes = replace(sizes, baseline=replace(sizes.baseline, lr=BASELINE_LR[args.model]))
@@ -116,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"model": args.model, "task": task, "target": target, "quick": args.quick,
                "sizes": asdict(sizes), "dense": record,
                **paper_proxy.run_grid(grid)}
-    paper_proxy.write(results, args.out, target, render=tables)
+    paper_proxy.write(results, args.out, target, render=markdown)
     return 0
 
 

@@ -1,9 +1,12 @@
-"""The analysis of the search-efficiency and paper-proxy benchmarks, on hand-made results."""
+"""The analysis of the search-efficiency and paper-proxy benchmarks, on hand-made results, and the results
+tables of benchmarks/README.md, generated from benchmarks/results."""
 
 from __future__ import annotations
 
 import pytest
 
+from benchmarks import readme
+from benchmarks.common import print_from_json
 from benchmarks.paper_proxy import compare, layer_summary
 from benchmarks.search_efficiency import hypervolume_curve, summarize
 
@@ -53,3 +56,23 @@ def test_paper_questions_pair_strategies_that_differ_in_one_factor():
     summary = layer_summary([{"strategy": "a", "scorer": "fisher", "layers": [0.2, 0.6]},
                              {"strategy": "a", "scorer": "fisher", "layers": [0.4, 0.2]}])
     assert summary == [{"strategy": "a", "mean_layer_sparsity": pytest.approx([0.3, 0.4]), "most_pruned_layer": 1}]
+
+
+def test_benchmarks_readme_tables_are_those_the_results_files_give():
+    """A results file changed without `python -m benchmarks.readme` leaves the README's numbers stale."""
+    assert readme.stale(readme.README.read_text()) == []
+
+
+def test_readme_tables_are_regenerated_between_their_markers_and_must_all_have_a_place():
+    text = "".join(f"<!-- table:{name} -->\nSTALE TABLE\n<!-- /table -->\n" for name in readme.TABLES)
+    assert set(readme.stale(text)) == set(readme.TABLES)
+    fresh = readme.regenerate(text)
+    assert readme.stale(fresh) == [] and "STALE TABLE" not in fresh
+    assert readme.regenerate(fresh) == fresh
+    with pytest.raises(ValueError, match="without a place"):
+        readme.regenerate(text.split("<!-- table:", 2)[0] + "<!-- table:" + text.split("<!-- table:", 2)[2])
+
+
+def test_from_json_says_when_there_is_no_results_file(tmp_path, capsys):
+    assert print_from_json(tmp_path / "missing.json", str) == 2
+    assert "does not exist" in capsys.readouterr().err

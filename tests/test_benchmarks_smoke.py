@@ -1,44 +1,63 @@
-"""benchmarks/scoring_cost.py on a tiny AST: the result's structure, not its timings."""
+"""The benchmarks as modules: they run from the checkout they sit in, and scoring_cost on a tiny AST (the result's
+structure, not its timings)."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks import granularity_latency, scoring_cost
+from benchmarks.common import RESULTS
 from prune_core import SCORERS
 from search.baseline import BaselineConfig
 from tests.conftest import ast_batches, tiny_ast
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "scoring_cost.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_benchmark():
-    """Load the script as `python benchmarks/scoring_cost.py` runs it: benchmarks/ first on sys.path."""
-    if str(PATH.parent) not in sys.path:
-        sys.path.insert(0, str(PATH.parent))
-    spec = importlib.util.spec_from_file_location("scoring_cost", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_a_benchmark_runs_as_a_module_and_reprints_its_results():
+    results = RESULTS / "granularity_latency-cpu.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.granularity_latency", "--from-json", str(results)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == granularity_latency.markdown(json.loads(results.read_text()))
+
+
+def test_ray_workers_of_a_benchmark_import_this_checkout(tmp_path):
+    """The venv is shared between clones: another clone ahead on the import path must not be what a benchmark,
+    or the Ray workers it starts, runs."""
+    other = tmp_path / "other-clone" / "data_prep"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("")
+    (other / "shards.py").write_text("")
+    code = ("import json, ray\nfrom benchmarks import prepare_throughput as bench\n"
+            "try:\n    print(json.dumps(bench.start_ray(1)['workers_seen']))\nfinally:\n    ray.shutdown()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(other.parent), str(ROOT)])}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    workers = json.loads(done.stdout.strip().splitlines()[-1])
+    assert workers and {w["data_prep"] for w in workers} == {str(ROOT / "data_prep")}
 
 
 def test_scoring_cost_times_every_scorer_against_one_forward_backward():
-    bench = load_benchmark()
     model = tiny_ast()
-    result = bench.measure(model, ast_batches(count=2, size=2), repeats=2, warmup=1)
-    assert set(result["timings"]) == {bench.FORWARD, bench.REFERENCE, *SCORERS}
+    result = scoring_cost.measure(model, ast_batches(count=2, size=2), repeats=2, warmup=1)
+    assert set(result["timings"]) == {scoring_cost.FORWARD, scoring_cost.REFERENCE, *SCORERS}
     for timing in result["timings"].values():
         assert len(timing["samples_s"]) == 2
         assert 0 < timing["min_s"] <= timing["median_s"]
-        assert timing["ratio_to_fwd_bwd"] == timing["median_s"] / result["timings"][bench.REFERENCE]["median_s"]
-    assert result["fisher_within_1_5x"] == (result["timings"]["fisher"]["ratio_to_fwd_bwd"] <= bench.FISHER_LIMIT)
+        assert timing["ratio_to_fwd_bwd"] == timing["median_s"] / result["timings"][scoring_cost.REFERENCE]["median_s"]
+    assert result["fisher_within_1_5x"] == (result["timings"]["fisher"]["ratio_to_fwd_bwd"] <= scoring_cost.FISHER_LIMIT)
 
 
 def test_scoring_cost_demo_size_mirrors_the_baseline():
     """The benchmark mirrors the demo baseline's size (to keep Ray out of it); keep them equal."""
-    model = load_benchmark().SIZES["demo"]["model"]
+    model = scoring_cost.SIZES["demo"]["model"]
     demo = dataclasses.asdict(BaselineConfig())
     assert {key: model[key] for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size")} == {
         key: demo[key] for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size")

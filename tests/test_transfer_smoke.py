@@ -1,30 +1,19 @@
-"""benchmarks/transfer.py at --quick sizes: the ViT goes through the same data, baseline and search path as
+"""benchmarks.transfer at --quick sizes: the ViT goes through the same data, baseline and search path as
 the AST, and the answers come out; not the accuracies (a tiny model on 256 samples learns nothing)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import ray
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer.py"
+from benchmarks import transfer
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """Load the script as `python benchmarks/transfer.py` runs it: benchmarks/ first on sys.path."""
-    if str(PATH.parent) not in sys.path:
-        sys.path.insert(0, str(PATH.parent))
-    spec = importlib.util.spec_from_file_location("transfer_benchmark", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield transfer
     if ray.is_initialized():
         ray.shutdown()
 
@@ -56,7 +45,7 @@ def test_quick_run_searches_a_vit_with_every_strategy_and_answers(bench, tmp_pat
     printed = capsys.readouterr().out
     assert "vit on the synthetic relations task" in printed and "| Fisher beats magnitude | 4 |" in printed
     assert bench.main(["--from-json", str(out)]) == 0
-    assert capsys.readouterr().out.strip() == bench.tables(results)
+    assert capsys.readouterr().out.strip() == bench.markdown(results)
 
 
 def test_bad_arguments_are_refused_with_a_message(bench, capsys):
