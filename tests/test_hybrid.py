@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from prune_core import attention_params, attention_sites, plan_pruning, prune
 from prune_core.attention import LayerShape
 from prune_core.granularities import GRANULARITIES, hybrid_moves
 from prune_core.scorers import LayerScores
-from tests.conftest import ast_batches, tiny_ast
+from tests.conftest import ast_batches, promised_slack, tiny_ast
 from tests.test_equivalence import assert_equivalent
 from tests.test_selection import scaled_layers
 
@@ -84,9 +86,14 @@ def test_global_follows_scales_local_cuts_every_layer():
 
 
 def test_repeated_hybrid_steps_stay_equivalent():
-    """Later steps see layers with fewer heads and fewer channels; pruned == masked still holds."""
+    """Later steps see layers with fewer heads and fewer channels; the pruned model still computes the stock
+    model with the removed weights zeroed, and 3 steps of 0.3 land within the promised slack of 1 - 0.7^3
+    (half the largest move per step, a step's miss shrinking by 0.7 a step after it)."""
     model, batches = weak_head_model(), ast_batches()
-    dense = attention_params(model)
+    stock = copy.deepcopy(model)
+    dense, slack = attention_params(model), 0.0
     for _ in range(3):
-        assert_equivalent(model, batches, granularity="hybrid", scorer="fisher", threshold="global", amount=0.3)
-    assert attention_params(model) == pytest.approx(0.7**3 * dense, abs=2 * (8 * 66 + 8 * 65))
+        slack = 0.7 * slack + promised_slack(model, "hybrid")
+        assert_equivalent(model, batches, original=stock, granularity="hybrid", scorer="fisher", threshold="global",
+                          amount=0.3)
+    assert abs(attention_params(model) - 0.7**3 * dense) <= slack
