@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -10,13 +12,9 @@ from prune_core import GRANULARITIES, SCORERS, THRESHOLDS
 
 
 def _prune(args: argparse.Namespace) -> int:
-    """Prune a saved model once (magnitude or random: no data needed) and save it with save_pruned."""
+    """Prune a saved model once with a scorer that needs no data, and save it with save_pruned."""
     from prune_core import attention_sparsity, load_model, load_pruned, macs_per_sample, prune, save_pruned, total_params
-    from prune_core.scorers import NEEDS_DATA
 
-    if args.scorer in NEEDS_DATA:
-        print(f"error: scorer {args.scorer!r} needs calibration data; use it from Python or the search", file=sys.stderr)
-        return 2
     source = Path(args.model)
     model = load_pruned(source) if (source / "pruning.json").is_file() else load_model(args.model)
     before = (total_params(model), macs_per_sample(model))
@@ -106,21 +104,60 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from search.runner import report
+    from search.results import report
 
     return report(args.experiment, out=Path(args.out) if args.out else None, runs_dir=Path(args.runs))
 
 
 def _ui(args: argparse.Namespace) -> int:
-    """The MLflow UI on 127.0.0.1 (unless --host says otherwise) over this project's tracking store."""
+    """The MLflow UI on 127.0.0.1 (unless --host says otherwise) over this project's tracking store.
+
+    MLflow's server runs in its own process group; SIGTERM or SIGINT to this command stops the whole group
+    (the server, its workers and job runners), so nothing is left serving the port.
+    """
+    import signal
     import subprocess
+
+    from mlflow.tracking import MlflowClient
 
     from search.tracking import tracking_uri
 
+    Path(args.runs).mkdir(parents=True, exist_ok=True)  # the embedded store's folder
     uri = tracking_uri(Path(args.runs))
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}")
-    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-                            "--port", str(args.port)])
+    address = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI for {uri} at {address}")
+    for experiment in MlflowClient(uri).search_experiments():
+        if experiment.name != "Default":  # a search's runs table (MLflow opens its GenAI view otherwise)
+            print(f"  {experiment.name}: {address}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
+    sys.stdout.flush()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+                               "--port", str(args.port)], start_new_session=True)
+
+    def forward(signum: int, frame) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    code = server.wait()
+    _wait_for_group(server.pid)
+    return code if code >= 0 else 128 - code
+
+
+def _wait_for_group(group: int, grace: float = 10.0) -> None:
+    """Wait until no process of `group` is left (the server's children end after it); SIGKILL them after `grace` s."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -138,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="prune a saved model once and save it")
     prune.add_argument("--model", required=True, help="a save_pretrained directory, a save_pruned directory or a hub id")
     prune.add_argument("--granularity", choices=sorted(GRANULARITIES), default="entire_head")
-    prune.add_argument("--scorer", choices=sorted(SCORERS), default="magnitude")
+    prune.add_argument("--scorer", choices=sorted(name for name, scorer in SCORERS.items() if not scorer.needs_data),
+                       default="magnitude", help="scorers that need no calibration data")
     prune.add_argument("--threshold", choices=sorted(THRESHOLDS), default="global")
     prune.add_argument("--amount", type=float, required=True, help="fraction of the attention parameters to remove")
     prune.add_argument("--out", required=True, help="directory to write the pruned model to")

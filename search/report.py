@@ -85,6 +85,7 @@ def tune_points(events: list[Event], metric: str) -> pd.DataFrame:
 
 
 POINT_METRICS = ("attention_sparsity", "latency_ms", "params", "macs")
+COUNTS = ("params", "macs")  # integers; MLflow stores every metric as a float
 
 
 def _row(trial: dict, step: int, values: dict, metric: str) -> dict | None:
@@ -108,7 +109,8 @@ def _row(trial: dict, step: int, values: dict, metric: str) -> dict | None:
 
 
 def _frame(rows: list[dict | None]) -> pd.DataFrame:
-    return pd.DataFrame([row for row in rows if row is not None])
+    frame = pd.DataFrame([row for row in rows if row is not None])
+    return frame.astype({key: "Int64" for key in COUNTS if key in frame})
 
 
 def build_report(points: pd.DataFrame, metric: str, out: Path, title: str) -> Report:

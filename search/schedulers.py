@@ -1,4 +1,8 @@
-"""A Pareto-aware asynchronous successive halving scheduler for Ray Tune (MO-ASHA).
+"""When trials stop: the scheduler a config names, the search's step budget, and a Pareto-aware ASHA (MO-ASHA).
+
+Rungs are on the attention sparsity reached in percent (`sparsity_pct`) and ASHA's metric is the
+normalized area under the accuracy-sparsity curve, so trials with different step ratios are compared
+at the same sparsity.
 
 ASHA stops a trial at a rung when its scalar metric falls below the rung's top 1/reduction_factor.
 Here the rung is ranked by non-dominated sorting of several objectives instead, as Syne Tune's
@@ -11,10 +15,65 @@ along in sparsity can survive.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 from search.pareto import nondominated_ranks
+from search.space import SearchConfig
+
+TIME_ATTR = "sparsity_pct"  # the attention sparsity a trial reached, in percent: ASHA's rungs
+ASHA_METRIC = "area"  # the normalized area under the accuracy-sparsity curve (maximized)
+
+
+class Scheduling(NamedTuple):
+    """The scheduler, and whether a search algorithm may propose its trials (population-based ones pick their own)."""
+
+    scheduler: TrialScheduler
+    takes_searcher: bool
+
+
+def build_scheduler(config: SearchConfig, metric: str) -> Scheduling:
+    """The scheduler `config.scheduler` names, with rungs of attention sparsity (in percent) up to the target."""
+    max_t = round(100 * config.target_sparsity)
+    if config.scheduler == "none":
+        return Scheduling(FIFOScheduler(), takes_searcher=True)
+    if config.scheduler == "pareto_asha":
+        scheduler = ParetoAsha(TIME_ATTR, (metric, "attention_sparsity"), max_t, config.asha.grace_period,
+                               config.asha.reduction_factor)
+        return Scheduling(scheduler, takes_searcher=True)
+    scheduler = AsyncHyperBandScheduler(
+        time_attr=TIME_ATTR,
+        metric=ASHA_METRIC,
+        mode="max",
+        max_t=max_t,
+        grace_period=config.asha.grace_period,
+        reduction_factor=config.asha.reduction_factor,
+    )
+    return Scheduling(scheduler, takes_searcher=True)
+
+
+class StepBudget(tune.Stopper):
+    """Ends the search once its trials have run `budget` prune steps together.
+
+    Steps are counted as distinct (trial, step) pairs: Tune hands a finished function trainable's
+    last result to stoppers a second time, and a restored trial may repeat a step's report. The
+    count is per driver session (a resumed search gets the budget again); it is the compute budget
+    the search-efficiency benchmark compares methods at.
+    """
+
+    def __init__(self, budget: int | None) -> None:
+        self.budget = budget
+        self.steps: set[tuple[str, int]] = set()
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        if result.get("step") is not None:
+            self.steps.add((trial_id, int(result["step"])))
+        return False
+
+    def stop_all(self) -> bool:
+        return self.budget is not None and len(self.steps) >= self.budget
 
 
 class ParetoAsha(FIFOScheduler):

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from data_prep.loader import LoaderConfig
 from prune_core import GRANULARITIES, SCORERS, THRESHOLDS
 from prune_core.session import SCHEDULES
 
@@ -65,17 +66,6 @@ class AshaConfig:
 
 
 @dataclass(frozen=True)
-class LoaderSettings:
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    spec_augment: bool = False
-    freq_mask: int = 48
-    time_mask: int = 48
-    mixup: float = 0.0
-    balanced: bool = False
-
-
-@dataclass(frozen=True)
 class SearchConfig:
     """A whole search: data, baseline, budget, the space, the scheduler and where results go."""
 
@@ -104,7 +94,7 @@ class SearchConfig:
     storage: str = "runs/ray"
     resources: Resources = field(default_factory=Resources)
     asha: AshaConfig = field(default_factory=AshaConfig)
-    loader: LoaderSettings = field(default_factory=LoaderSettings)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)  # its seed is the search's `seed`
     source: str = "<config>"
 
 
@@ -152,16 +142,20 @@ _EXPECTED = {
 }
 
 
-def _section(source: str, name: str, cls, raw: Any):
+def _section(source: str, name: str, cls, raw: Any, **fixed: Any):
+    """A nested mapping as `cls`; `fixed` fields come from elsewhere in the config and are not keys here."""
     if raw is None:
-        return cls()
+        raw = {}
     if not isinstance(raw, dict):
         raise _fail(source, name, f"expected a mapping, got {type(raw).__name__}")
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in fields(cls)} - set(fixed)
     unknown = sorted(set(raw) - known)
     if unknown:
         raise _fail(source, f"{name}.{unknown[0]}", f"unknown key; known keys: {sorted(known)}")
-    return cls(**raw)
+    try:
+        return cls(**raw, **fixed)
+    except (TypeError, ValueError) as error:  # the section's own checks, e.g. LoaderConfig.batch_size >= 1
+        raise _fail(source, name, str(error)) from error
 
 
 def parse_config(raw: dict, source: str = "<config>") -> SearchConfig:
@@ -199,13 +193,16 @@ def parse_config(raw: dict, source: str = "<config>") -> SearchConfig:
         points = PAPER_POINTS
     elif not isinstance(points, (list, tuple)) or not all(isinstance(p, dict) for p in points):
         raise _fail(source, "points_to_evaluate", "expected 'paper' or a list of mappings")
+    seed = raw.get("seed", SearchConfig.seed)
+    if not isinstance(seed, int) or seed < 0:
+        raise _fail(source, "seed", f"an integer >= 0, got {seed!r}")
     config = SearchConfig(
         **values,
         space=space,
         points_to_evaluate=tuple(_complete(point, space) for point in points),
         resources=_section(source, "resources", Resources, raw.get("resources")),
         asha=_section(source, "asha", AshaConfig, raw.get("asha")),
-        loader=_section(source, "loader", LoaderSettings, raw.get("loader")),
+        loader=_section(source, "loader", LoaderConfig, raw.get("loader"), seed=seed),
         source=source,
     )
     _validate(config)
@@ -278,13 +275,6 @@ def grid_values(config: SearchConfig) -> dict[str, list]:
     is held at its warm-start value (the authors' setting where the range allows it)."""
     fixed = _complete({}, tuple(p for p in config.space if p.choices is None))
     return {p.name: list(p.choices) if p.choices is not None else [fixed[p.name]] for p in config.space}
-
-
-def steps_to_target(ratio: float, target: float, schedule: str) -> int:
-    """Prune steps a trial needs to reach `target` (its last step is capped at the target)."""
-    if schedule == "linear":
-        return math.ceil(target / ratio - 1e-9)
-    return math.ceil(math.log(1 - target) / math.log(1 - ratio) - 1e-9)
 
 
 def load_config(path: str | Path, **overrides: Any) -> SearchConfig:

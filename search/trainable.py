@@ -18,37 +18,34 @@ import ray
 import torch
 from ray import tune
 
-from data_prep.loader import LoaderConfig, make_loader, soft_target_loss
+from data_prep.loader import make_loader, soft_target_loss
 from prune_core import load_model
 from prune_core.accounting import latency_ms, layer_sparsity
 from prune_core.finetune import LoraSettings
-from prune_core.metrics import evaluate
-from prune_core.session import PruningSession, SessionConfig, Strategy
+from prune_core.metrics import METRIC_NAME, evaluate
+from prune_core.session import PruningSession, SessionConfig, Strategy, steps_to_target
 from search.pareto import normalized_area
-from search.space import steps_to_target
+from search.space import SearchConfig
 
 CURVE_FILE = "curve.json"
 
 
 @dataclass(frozen=True)
 class TrialSettings:
-    """What every trial of a search shares (the searched values come in the trial's config)."""
+    """What every trial of a search shares beyond its sampled values: the search's config (its paths made
+    absolute: Tune runs each trial in its own working directory) and what the data set and baseline add."""
 
-    baseline: str
-    data: str
-    task: str
-    metric_name: str
-    dense_metric: float
-    target_sparsity: float
-    schedule: str
-    eval_split: str
-    calib_batches: int
-    train_batches_per_step: int | None
-    latency_repeats: int
-    lora_targets: str
-    loader: LoaderConfig
-    use_gpu: bool
-    seed: int
+    search: SearchConfig
+    task: str  # from the data set's manifest
+    dense_metric: float  # the baseline's metric on the evaluation split, the curve's first point
+
+    @property
+    def metric_name(self) -> str:
+        return METRIC_NAME[self.task]
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.search.resources.gpu > 0
 
 
 class FirstBatches:
@@ -66,33 +63,35 @@ class FirstBatches:
 
 def session_config(config: dict, settings: TrialSettings) -> SessionConfig:
     """The prune_core session a trial's sampled values describe."""
+    search = settings.search
     ratio = float(config["step_ratio"])
     return SessionConfig(
         strategy=Strategy(config["granularity"], config["scorer"], config["threshold"]),
         step_ratio=ratio,
-        steps=steps_to_target(ratio, settings.target_sparsity, settings.schedule),
-        schedule=settings.schedule,
+        steps=steps_to_target(ratio, search.target_sparsity, search.schedule),
+        schedule=search.schedule,
         lora=LoraSettings(
             rank=int(config["lora_rank"]),
             alpha=float(config["lora_alpha"]),
             lr=float(config["lr"]),
             epochs=int(config["epochs"]),
-            target_modules=settings.lora_targets,
+            target_modules=search.lora_targets,
         ),
         task=settings.task,
-        calib_batches=settings.calib_batches,
-        final_sparsity=settings.target_sparsity,
+        calib_batches=search.calib_batches,
+        final_sparsity=search.target_sparsity,
     )
 
 
 def run_trial(config: dict, settings: TrialSettings) -> None:
     """Ray Tune function trainable (bound with `tune.with_parameters(run_trial, settings=...)`)."""
-    torch.manual_seed(settings.seed)
+    search = settings.search
+    torch.manual_seed(search.seed)
     device = torch.device("cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu")
-    train = FirstBatches(make_loader(settings.data, "train", settings.loader, train=True), settings.train_batches_per_step)
+    train = FirstBatches(make_loader(search.data, "train", search.loader, train=True), search.train_batches_per_step)
     sources = {
         "train": train,
-        "evaluation": make_loader(settings.data, settings.eval_split, settings.loader, train=False),
+        "evaluation": make_loader(search.data, search.eval_split, search.loader, train=False),
         "loss_fn": soft_target_loss,
     }
     checkpoint = tune.get_checkpoint()
@@ -102,12 +101,12 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
             curve = [tuple(point) for point in json.loads((Path(directory) / CURVE_FILE).read_text())]
         session.model.to(device)
     else:
-        model = load_model(settings.baseline).to(device)
+        model = load_model(search.baseline).to(device)
         session = PruningSession(model, session_config(config, settings), **sources)
         curve = [(0.0, settings.dense_metric)]
     for result in session:
         curve.append((result.attention_sparsity, result.metric))
-        final = session.step == session.config.steps
+        final = session.step == session.end_step
         metrics = {
             settings.metric_name: result.metric,
             "loss": result.loss,
@@ -116,17 +115,17 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
             "params": result.params,
             "attention_params": result.attention_params,
             "macs": result.macs,
-            "latency_ms": latency_ms(session.model, repeats=settings.latency_repeats),
+            "latency_ms": latency_ms(session.model, repeats=search.latency_repeats),
             "step": result.step,
             "seconds": result.seconds,
-            "area": normalized_area(curve, settings.target_sparsity),
+            "area": normalized_area(curve, search.target_sparsity),
             "final": final,
             "layers": json.dumps(result.layers),
             "layer_sparsity": json.dumps(layer_sparsity(session.model)),
             "node_id": ray.get_runtime_context().get_node_id(),
         }
         if final:
-            test = make_loader(settings.data, "test", settings.loader, train=False)
+            test = make_loader(search.data, "test", search.loader, train=False)
             metrics[f"test_{settings.metric_name}"] = evaluate(session.model, test, settings.task)[settings.metric_name]
         with tempfile.TemporaryDirectory() as directory:
             session.save(directory)

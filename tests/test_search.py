@@ -15,6 +15,7 @@ import pytest
 import ray
 import yaml
 from mlflow.tracking import MlflowClient
+from ray.tune import ExperimentAnalysis
 
 from data_prep.features import FeatureParams
 from data_prep.shards import PrepareConfig, prepare
@@ -134,12 +135,16 @@ def test_bad_config_fails_before_ray_starts(workspace, tmp_path):
     path = search_config(workspace, "bad", space={"granularity": ["entire_head", "rows"]})
     with pytest.raises(ConfigError, match=r"space.granularity.*'rows'"):
         load_config(path)
+    ray_tmp = tmp_path / "ray-tmp"  # where a Ray node started by the driver would write its session
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
     code = subprocess.run(
-        [sys.executable, "-m", "search.cli", "run", "--config", str(path), "--runs", str(tmp_path)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [sys.executable, "-m", "search.cli", "run", "--config", str(path), "--runs", str(tmp_path / "runs")],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
     )
     assert code.returncode == 2 and "space.granularity" in code.stderr
-    assert "Started a local Ray instance" not in code.stderr + code.stdout
+    assert not ray_tmp.exists(), "no Ray node was started"
+    assert not (tmp_path / "runs").exists(), "nothing was tracked"
 
 
 def test_resume_after_a_killed_driver(workspace, tmp_path):
@@ -161,7 +166,10 @@ def test_resume_after_a_killed_driver(workspace, tmp_path):
                 pass
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    assert finished >= 1, "the driver should be killed after a trial finished and before the search did"
+    assert finished >= 1, "the driver should be killed after a trial finished"
+    state = json.loads(state_file.read_text())
+    trials = ExperimentAnalysis(state["experiment_dir"]).trials
+    assert not state["finished"] and sum(t.status == "TERMINATED" for t in trials) < 4, "killed before the search ended"
     client, parents, before = child_runs(tmp_path, "killed")
     finished_before = {
         c.data.tags[TRIAL_TAG]: [(m.step, m.timestamp) for m in client.get_metric_history(c.info.run_id, "accuracy")]
@@ -206,11 +214,10 @@ def test_multi_objective_study_and_stopped_trials(tmp_path):
     """Optuna gets (accuracy, sparsity); a trial without a final result is told as PRUNED, not COMPLETE."""
     import optuna
 
-    from search.runner import _searcher
+    from search.searchers import build_searcher
 
     config = load_config(search_config(tmp_path, "mo", multi_objective=True, points_to_evaluate=[]))
-    limiter = _searcher(config, "mo-test", "accuracy")
-    searcher = limiter.searcher
+    searcher = build_searcher(config, "mo-test", "accuracy").search_alg.searcher
     assert searcher.metric == ["accuracy", "attention_sparsity"] and searcher.mode == ["max", "max"]
     assert searcher.suggest("stopped") and searcher.suggest("finished")
     searcher.on_trial_complete("stopped", {"accuracy": 0.9, "attention_sparsity": 0.2, "final": False})
@@ -218,6 +225,54 @@ def test_multi_objective_study_and_stopped_trials(tmp_path):
     states = [trial.state for trial in searcher._ot_study.trials]
     assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
     assert searcher._ot_study.trials[1].values == [0.8, 0.4]
+
+
+def test_asha_rungs_are_sparsity_percent_and_its_metric_the_area(tmp_path):
+    """ASHA compares trials at the same attention sparsity (in percent, up to the target) by the area objective."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    from search.schedulers import build_scheduler
+
+    config = load_config(search_config(tmp_path, "asha", target_sparsity=0.4, asha={"grace_period": 10, "reduction_factor": 3}))
+    scheduling = build_scheduler(config, "accuracy")
+    asha = scheduling.scheduler
+    assert isinstance(asha, AsyncHyperBandScheduler) and scheduling.takes_searcher
+    assert (asha._time_attr, asha._metric, asha._mode) == ("sparsity_pct", "area", "max")
+    assert (asha._max_t, asha._reduction_factor) == (40, 3)
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [30, 10], "rungs from the grace period up"
+
+
+def test_a_trial_asha_stops_is_pruned_in_the_optuna_study(workspace, monkeypatch):
+    """Multi-objective Optuna + ASHA: a trial ASHA stops reaches the study as PRUNED, the others as COMPLETE
+    with their final (accuracy, sparsity)."""
+    import optuna
+
+    import search.runner
+
+    plans, build = [], search.runner.build_searcher
+
+    def recording(*args, **kwargs):  # keeps the searcher the search used, to open its study afterwards
+        plans.append(build(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(search.runner, "build_searcher", recording)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = workspace / "runs"
+    path = search_config(workspace, "mo-asha", trials=4, multi_objective=True,  # the paper's 4 strategies
+                         asha={"grace_period": 20, "reduction_factor": 4})
+    assert run(load_config(path), runs_dir=runs) == 0
+    client, _, children = child_runs(runs, "mo-asha")
+    stopped = {c.data.tags[TRIAL_TAG]: c.data.tags[STOPPED_TAG] == "true" for c in children}
+    assert len(stopped) == 4 and any(stopped.values()), "ASHA stops at least one of 4 trials here"
+    (plan,) = plans
+    searcher = plan.search_alg.searcher
+    study = searcher._ot_study
+    for trial_id, was_stopped in stopped.items():
+        state = study.trials[searcher._ot_trials[trial_id].number].state
+        expected = optuna.trial.TrialState.PRUNED if was_stopped else optuna.trial.TrialState.COMPLETE
+        assert state == expected, f"{trial_id} (stopped early: {was_stopped}) is {state.name} in the study"
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and all(len(t.values) == 2 and t.values[1] >= 0.35 for t in complete), "final points only"
 
 
 def test_a_failed_trial_resumes_from_its_last_step(workspace, tmp_path, monkeypatch):
@@ -261,8 +316,6 @@ def test_a_failed_trial_resumes_from_its_last_step(workspace, tmp_path, monkeypa
 
     # Tune's result.json can lose the rows from before a restart (seen after a node loss): the replay
     # that fills MLflow in (`report`) takes them from progress.csv
-    from ray.tune import ExperimentAnalysis
-
     from search.tracking import tune_events
 
     results.write_text(results.read_text().splitlines(keepends=True)[1])
@@ -284,15 +337,19 @@ def test_custom_resources_are_validated(tmp_path):
 def test_an_unreachable_tracking_server_fails_before_ray_starts(workspace, tmp_path):
     from tests.services import free_port
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    ray_tmp = tmp_path / "ray-tmp"  # where a Ray node started by the driver would write its session
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
+           "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
     path = search_config(workspace, "no-server", storage=str(tmp_path / "ray"))
     done = subprocess.run(
-        [sys.executable, "-m", "search.cli", "run", "--config", str(path), "--runs", str(tmp_path)],
+        [sys.executable, "-m", "search.cli", "run", "--config", str(path), "--runs", str(tmp_path / "runs")],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "MLflow tracking at http://127.0.0.1:" in done.stderr and "unreachable" in done.stderr
-    assert "Started a local Ray instance" not in done.stderr + done.stdout
+    assert not ray_tmp.exists(), "no Ray node was started"
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "runs" / "no-server" / "search.json").exists()
 
 
 def test_grid_search_runs_every_combination(workspace, monkeypatch):
@@ -312,6 +369,20 @@ def test_grid_search_runs_every_combination(workspace, monkeypatch):
     assert parents[0].data.params["scheduler"] == "pareto_asha"
 
 
+def test_the_loader_section_is_the_loaders_config(tmp_path):
+    """`loader:` is parsed into data_prep's LoaderConfig, seeded by the search's seed; errors name the key."""
+    from data_prep.loader import LoaderConfig
+
+    config = load_config(search_config(tmp_path, "l", seed=7, loader={"batch_size": 8, "num_workers": 1}))
+    assert config.loader == LoaderConfig(batch_size=8, num_workers=1, seed=7)
+    with pytest.raises(ConfigError, match=r"loader.batchsize: unknown key"):
+        load_config(search_config(tmp_path, "l", loader={"batchsize": 8}))
+    with pytest.raises(ConfigError, match=r"loader.seed: unknown key"):  # one seed for the whole search
+        load_config(search_config(tmp_path, "l", loader={"seed": 1}))
+    with pytest.raises(ConfigError, match=r"loader: LoaderConfig.batch_size must be >= 1"):
+        load_config(search_config(tmp_path, "l", loader={"batch_size": 0}))
+
+
 def test_searcher_and_scheduler_are_validated(tmp_path):
     with pytest.raises(ConfigError, match=r"searcher: one of \['optuna', 'random', 'grid'\]"):
         load_config(search_config(tmp_path, "s", searcher="bayes"))
@@ -323,14 +394,14 @@ def test_searcher_and_scheduler_are_validated(tmp_path):
 
 @pytest.mark.parametrize("name", ["paper_speechcommands", "paper_audioset"])
 def test_paper_configs_are_the_authors_grid(name):
-    from search.runner import _settings, _trials
-    from search.trainable import session_config
+    from search.searchers import trial_count
+    from search.trainable import TrialSettings, session_config
 
     config = load_config(ROOT / "configs" / f"{name}.yaml")
-    assert (config.searcher, config.scheduler, _trials(config)) == ("grid", "none", 12)
+    assert (config.searcher, config.scheduler, trial_count(config)) == ("grid", "none", 12)
     values = {p.name: p.choices for p in config.space}
     assert values["scorer"] == ("magnitude", "fisher") and values["threshold"] == ("global", "local")
-    settings = _settings(config, {"task": "single_label"}, dense=0.98)
+    settings = TrialSettings(config, task="single_label", dense_metric=0.98)
     point = {"granularity": "per_head", "scorer": "fisher", "threshold": "global", "step_ratio": 0.1, "lora_rank": 16,
              "lora_alpha": 16, "lr": 1e-4, "epochs": 1}
     session = session_config(point, settings)
@@ -377,7 +448,7 @@ def test_the_vit_transfer_config_is_valid_and_searches_beyond_half():
 
 
 def test_the_step_budget_counts_each_prune_step_once():
-    from search.runner import StepBudget
+    from search.schedulers import StepBudget
 
     budget = StepBudget(3)
     for trial, step in [("a", 1), ("a", 2), ("a", 2), ("b", 1)]:  # a's last result comes again when it ends

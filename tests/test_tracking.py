@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from search.report import collect_points, tune_points
+from search.report import build_report, collect_points, tune_points
 from search.tracking import NODES_TAG, STOPPED_TAG, Event, MlflowTracker, experiment_id, parent_run
 
 CONFIG = {"granularity": "per_head", "scorer": "fisher", "threshold": "global", "step_ratio": 0.1, "lora_rank": 4}
@@ -130,3 +131,16 @@ def test_the_report_from_tune_matches_the_report_from_mlflow(store):
     from_tune = tune_points(events, "accuracy")[columns].sort_values(["trial", "step"])
     assert len(from_tune) == 6
     assert from_mlflow.reset_index(drop=True).equals(from_tune.reset_index(drop=True))
+
+
+def test_the_report_prints_counts_as_integers(store, tmp_path):
+    """Parameter and MAC counts reach MLflow as floats; the report's tables show them as integers."""
+    uri, client, experiment, parent = store
+    tracker = MlflowTracker(uri, experiment, parent, "search-1")
+    tracker.pending.extend([Event("result", "t1", CONFIG, {**result(1), "params": 552778})])
+    assert tracker.flush()
+    points = collect_points(client, experiment, parent, "accuracy")
+    found = build_report(points, "accuracy", tmp_path / "report", "counts")
+    page = found.files["html"].read_text()
+    assert "<td>552778</td>" in page and "552778.0" not in page
+    assert pd.read_parquet(found.files["table"])["params"].tolist() == [552778]
