@@ -26,8 +26,11 @@ WEIGHTS_FILE = "model.safetensors"
 FORMAT = 1
 
 
-def save_pruned(model: nn.Module, directory: str | Path) -> Path:
-    """Write `model` (pruned or dense) to `directory`; returns the directory."""
+def save_pruned(model: nn.Module, directory: str | Path, history: list[dict] | None = None) -> Path:
+    """Write `model` (pruned or dense) to `directory`; returns the directory.
+
+    `history`, the steps that pruned it (`PruningSession.history`), is kept in the shapes file.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sites = attention_sites(model)
@@ -38,6 +41,8 @@ def save_pruned(model: nn.Module, directory: str | Path) -> Path:
         "dense_attention_params": record["dense_attention_params"],
         "layers": [{"path": site.path, **site.shape.to_dict()} for site in sites],
     }
+    if history:
+        description["history"] = history
     model.config.save_pretrained(directory)
     save_model(model, str(directory / WEIGHTS_FILE))
     (directory / SHAPES_FILE).write_text(json.dumps(description, indent=2))

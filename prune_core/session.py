@@ -11,7 +11,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
@@ -31,31 +31,47 @@ from prune_core.thresholds import THRESHOLDS
 
 @dataclass(frozen=True)
 class Schedule:
-    """How attention sparsity grows with prune steps of `ratio`: the sparsity after `step` steps, and the
-    steps needed to reach a target (the last step is capped at it)."""
+    """How attention sparsity grows with prune steps of `ratio` from a `start` sparsity: the sparsity
+    after `step` steps, and the steps needed to reach a target (the last step is capped at it).
 
-    sparsity: Callable[[float, int], float]
-    steps: Callable[[float, float], int]
+    `start` is 0 for a schedule run from the dense model, and where a schedule takes over a model
+    another strategy has pruned (a strategy schedule that changes on the way) the sparsity it took over at.
+    """
+
+    sparsity: Callable[[float, int, float], float]
+    steps: Callable[[float, float, float], int]
 
 
 SCHEDULES: dict[str, Schedule] = {
     # each step removes `ratio` of what remains
     "compound": Schedule(
-        sparsity=lambda ratio, step: 1.0 - (1.0 - ratio) ** step,
-        steps=lambda ratio, target: math.ceil(math.log(1 - target) / math.log(1 - ratio) - 1e-9),
+        sparsity=lambda ratio, step, start: 1.0 - (1.0 - start) * (1.0 - ratio) ** step,
+        steps=lambda ratio, target, start: math.ceil(math.log((1 - target) / (1 - start)) / math.log(1 - ratio) - 1e-9),
     ),
     # each step removes `ratio` of the dense model
     "linear": Schedule(
-        sparsity=lambda ratio, step: ratio * step,
-        steps=lambda ratio, target: math.ceil(target / ratio - 1e-9),
+        sparsity=lambda ratio, step, start: start + ratio * step,
+        steps=lambda ratio, target, start: math.ceil((target - start) / ratio - 1e-9),
     ),
 }
 STATE_FILE = "session.json"
 
 
-def steps_to_target(ratio: float, target: float, schedule: str) -> int:
-    """Prune steps a schedule of `ratio` per step needs to reach `target` (the last step is capped at it)."""
-    return SCHEDULES[schedule].steps(ratio, target)
+def steps_to_target(ratio: float, target: float, schedule: str, start: float = 0.0) -> int:
+    """Prune steps a schedule of `ratio` per step needs to go from `start` to `target` (the last step is
+    capped at it); 0 when `start` is already there."""
+    return max(0, SCHEDULES[schedule].steps(ratio, target, start))
+
+
+def schedule_summary(history: list[dict]) -> str:
+    """A lineage's strategies in order, run-length encoded: 'per_head/fisher/global x3 -> entire_head/fisher/global x2'."""
+    runs: list[list] = []
+    for record in history:
+        if runs and runs[-1][0] == record["strategy"]:
+            runs[-1][1] += 1
+        else:
+            runs.append([record["strategy"], 1])
+    return " -> ".join(f"{strategy} x{count}" for strategy, count in runs)
 
 
 @dataclass(frozen=True)
@@ -88,12 +104,15 @@ class SessionConfig:
     task: str = "single_label"
     calib_batches: int = 8
     final_sparsity: float | None = None  # cap the schedule here (a search's target sparsity)
+    start_sparsity: float = 0.0  # where this config takes over (0: the dense model; see `continued_from`)
 
     def __post_init__(self) -> None:
         check("schedule", self.schedule, SCHEDULES)
         if not 0 < self.step_ratio < 1:
             raise ValueError(f"step_ratio must be in (0, 1), got {self.step_ratio}")
-        if self.steps < 1:
+        if not 0 <= self.start_sparsity < 1:
+            raise ValueError(f"start_sparsity must be in [0, 1), got {self.start_sparsity}")
+        if self.steps < (1 if self.start_sparsity == 0 else 0):
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.target(self.steps) >= 1:
             raise ValueError(
@@ -106,9 +125,17 @@ class SessionConfig:
             raise ValueError(f"final_sparsity must be in (0, 1), got {self.final_sparsity}")
 
     def target(self, step: int) -> float:
-        """Attention sparsity the schedule reaches after `step` steps (capped at `final_sparsity`)."""
-        reached = SCHEDULES[self.schedule].sparsity(self.step_ratio, step)
+        """Attention sparsity the schedule reaches after `step` of its steps (capped at `final_sparsity`)."""
+        reached = SCHEDULES[self.schedule].sparsity(self.step_ratio, step, self.start_sparsity)
         return reached if self.final_sparsity is None else min(reached, self.final_sparsity)
+
+    def continued_from(self, sparsity: float) -> SessionConfig:
+        """This config taking over a model at `sparsity`: its steps go on from there at its own ratio, to
+        `final_sparsity` when set (0 steps if already there), else for its own number of steps."""
+        steps = self.steps
+        if self.final_sparsity is not None:
+            steps = steps_to_target(self.step_ratio, self.final_sparsity, self.schedule, sparsity)
+        return replace(self, start_sparsity=sparsity, steps=steps)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,6 +178,9 @@ class PruningSession:
     `train` and `evaluation` are re-iterable batch sources (DataLoaders or lists); calibration
     batches for the gradient scorers come from `calib` or, by default, the first
     `config.calib_batches` batches of `train` (never the evaluation split).
+
+    The strategy may change on the way (`switch`): `history` records every step of the model's
+    lineage (strategy, step ratio, target and sparsity reached), saved with each checkpoint.
     """
 
     def __init__(
@@ -164,6 +194,8 @@ class PruningSession:
         calib: Iterable[Batch] | None = None,
         loss_fn: LossFn | None = None,
         step: int = 0,
+        start_step: int = 0,
+        history: list[dict] | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -173,7 +205,24 @@ class PruningSession:
         self.calib = calib
         self.loss_fn = loss_fn
         self.step = step
+        self.start_step = start_step  # the step at which `config` took over
+        self.history = list(history or [])
         attention_sites(model)
+
+    @property
+    def end_step(self) -> int:
+        """The step at which the current config is done."""
+        return self.start_step + self.config.steps
+
+    def target(self, step: int) -> float:
+        """The attention sparsity the current config aims at after `step` (a step of the whole session)."""
+        return self.config.target(step - self.start_step)
+
+    def switch(self, config: SessionConfig) -> None:
+        """Go on from the current step with `config`: its strategy and step ratio, from the sparsity the
+        schedule has reached (so a new step ratio applies to the steps still to come)."""
+        self.config = config.continued_from(self.target(self.step))
+        self.start_step = self.step
 
     def measure(self, seconds: float = 0.0) -> StepResult:
         """Evaluate and account the model as it is now."""
@@ -181,7 +230,7 @@ class PruningSession:
         name = METRIC_NAME[self.config.task]
         return StepResult(
             step=self.step,
-            target_sparsity=self.config.target(self.step),
+            target_sparsity=self.target(self.step),
             attention_sparsity=attention_sparsity(self.model),
             metric_name=name,
             metric=metrics[name],
@@ -197,10 +246,10 @@ class PruningSession:
         return self
 
     def __next__(self) -> StepResult:
-        if self.step >= self.config.steps:
+        if self.step >= self.end_step:
             raise StopIteration
         started = time.perf_counter()
-        target = self.config.target(self.step + 1)
+        target = self.target(self.step + 1)
         current = attention_sparsity(self.model)
         amount = max((target - current) / (1.0 - current), 1e-9)
         strategy = self.config.strategy
@@ -220,19 +269,55 @@ class PruningSession:
             self.model, self.train, self.config.lora, validation=self.validation, loss_fn=self.loss_fn
         )
         self.step += 1
-        return self.measure(time.perf_counter() - started)
+        result = self.measure(time.perf_counter() - started)
+        self.history.append(
+            {
+                "step": self.step,
+                "strategy": strategy.name,
+                "step_ratio": self.config.step_ratio,
+                "target": target,
+                "attention_sparsity": result.attention_sparsity,
+            }
+        )
+        return result
+
+    @property
+    def schedule(self) -> str:
+        """The lineage's strategies so far, e.g. 'per_head/fisher/global x3 -> entire_head/fisher/global x2'."""
+        return schedule_summary(self.history)
 
     def save(self, directory: str | Path) -> Path:
-        """Checkpoint the model and the step reached (safetensors + JSON, no pickles)."""
-        directory = save_pruned(self.model, directory)
-        state = {"step": self.step, "config": self.config.to_dict()}
+        """Checkpoint the model, the step reached and the lineage's history (safetensors + JSON, no pickles).
+
+        The saved model's `pruning.json` carries the history too, so a model says how it was pruned.
+        """
+        directory = save_pruned(self.model, directory, history=self.history)
+        state = {
+            "step": self.step,
+            "start_step": self.start_step,
+            "config": self.config.to_dict(),
+            "history": self.history,
+        }
         (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
         return directory
 
     @classmethod
-    def resume(cls, directory: str | Path, **sources) -> PruningSession:
-        """Continue a session saved by `save`, with the same data sources passed again."""
+    def resume(cls, directory: str | Path, config: SessionConfig | None = None, **sources) -> PruningSession:
+        """Continue a session saved by `save`, with the same data sources passed again.
+
+        With `config`, the session goes on with it from the saved step (`switch`): another strategy or
+        step ratio for the steps to come, as when a search clones a model and explores.
+        """
         directory = Path(directory)
         state = json.loads((directory / STATE_FILE).read_text())
-        config = SessionConfig.from_dict(state["config"])
-        return cls(load_pruned(directory), config, step=state["step"], **sources)
+        session = cls(
+            load_pruned(directory),
+            SessionConfig.from_dict(state["config"]),
+            step=state["step"],
+            start_step=state.get("start_step", 0),
+            history=state.get("history", []),
+            **sources,
+        )
+        if config is not None:
+            session.switch(config)
+        return session
