@@ -92,9 +92,11 @@ def _baseline(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from search.runner import run
     from search.space import load_config
+    from search.warm_start import WarmStart
 
     config = load_config(args.config, trials=args.trials, time_budget_s=args.time_budget)
-    return run(config, address=args.address, runs_dir=Path(args.runs))
+    warm_start = WarmStart(args.warm_start, args.warm_start_skip_outside) if args.warm_start else None
+    return run(config, address=args.address, runs_dir=Path(args.runs), warm_start=warm_start)
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -237,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", default=None, help="a Ray cluster address (default: RAY_ADDRESS, else local)")
     run.add_argument("--trials", type=int, default=None, help="override the config's trial count")
     run.add_argument("--time-budget", type=float, default=None, help="override the config's time budget (s)")
+    run.add_argument("--warm-start", metavar="EXPERIMENT", default=None,
+                     help="tell the Optuna study the trials of this earlier search (same --runs) over the same space")
+    run.add_argument("--warm-start-skip-outside", action="store_true",
+                     help="skip (with a warning) earlier trials outside the new space instead of refusing them")
     run.set_defaults(run=_run)
 
     resume = commands.add_parser("resume", help="continue a stopped search")

@@ -66,3 +66,23 @@ def normalized_area(curve: Sequence[Point], target: float) -> float:
     for (s0, a0), (s1, a1) in zip(ordered, ordered[1:]):
         area += (min(s1, target) - min(s0, target)) * (a0 + a1) / 2
     return area / target
+
+
+def mean_accuracy_to(curve: Sequence[Point], sparsity: float) -> float:
+    """Mean accuracy over attention sparsity [0, `sparsity`], linear between the curve's points.
+
+    Population-based training ranks trials with this at a sparsity all of them have reached: trials
+    whose steps land at different sparsities (other step ratios) are compared over the same range,
+    and a trial that has gone further gains nothing from it. `curve` starts at the dense model.
+    """
+    ordered = sorted(curve)
+    if sparsity <= 0 or not ordered or ordered[-1][0] < sparsity - 1e-12:
+        raise ValueError(f"the curve must reach sparsity {sparsity} (it reaches {ordered[-1][0] if ordered else None})")
+    area = 0.0
+    for (s0, a0), (s1, a1) in zip(ordered, ordered[1:]):
+        if s0 >= sparsity:
+            break
+        end = min(s1, sparsity)
+        at_end = a0 + (a1 - a0) * (end - s0) / (s1 - s0) if s1 > s0 else a1
+        area += (end - s0) * (a0 + at_end) / 2
+    return area / sparsity

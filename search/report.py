@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from prune_core.session import schedule_summary
 from search.pareto import hypervolume, pareto_front
-from search.tracking import SEARCH_TAG, STOPPED_TAG, STRATEGY_KEYS, TRIAL_TAG, Event
+from search.tracking import LINEAGE_TAG, SEARCH_TAG, SEGMENT_TAG, STOPPED_TAG, STRATEGY_KEYS, Event
 
 # Hypervolume reference point: sparsity 0 (the dense model) and accuracy 0 (stated in the report).
 REFERENCE = (0.0, 0.0)
@@ -46,7 +48,7 @@ def find_parent(client: MlflowClient, experiment_name: str) -> tuple[str, str]:
 
 
 def collect_points(client: MlflowClient, experiment: str, parent: str, metric: str) -> pd.DataFrame:
-    """One row per (trial, step) with the trial's strategy and state, from the search's child runs."""
+    """One row per (trial segment, step) with its strategy, schedule and state, from the search's child runs."""
     children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     rows = []
     for run in children:
@@ -56,13 +58,15 @@ def collect_points(client: MlflowClient, experiment: str, parent: str, metric: s
                 history.setdefault(entry.step, {})[key] = entry.value
         tags = run.data.tags
         trial = {
-            "trial": tags.get(TRIAL_TAG, run.info.run_name),
+            "trial": run.info.run_name,
+            "segment": int(tags.get(SEGMENT_TAG, "0")),
             "run_id": run.info.run_id,
             "config": {**run.data.params, **{k: tags.get(k) for k in STRATEGY_KEYS}},
             "status": run.info.status,
             "asha_stopped": tags.get(STOPPED_TAG) == "true",
         }
-        rows += [_row(trial, step, values, metric) for step, values in sorted(history.items())]
+        lineage = json.loads(tags.get(LINEAGE_TAG, "null"))  # the strategy of each step, as of the last one
+        rows += [_row(trial, step, values, metric, lineage) for step, values in sorted(history.items())]
     return _frame(rows)
 
 
@@ -71,32 +75,48 @@ def tune_points(events: list[Event], metric: str) -> pd.DataFrame:
     trials: dict[str, dict] = {}
     rows = []
     for event in events:
-        trial = trials.setdefault(
-            event.trial_id,
-            {"trial": event.trial_id, "run_id": None, "config": event.config, "status": "RUNNING", "asha_stopped": False},
-        )
         if event.kind == "result":
+            trial = trials.setdefault(
+                event.run_key,
+                {"trial": event.run_key, "trial_id": event.trial_id, "segment": event.segment, "run_id": None,
+                 "config": event.config, "status": "RUNNING", "asha_stopped": False},
+            )
             rows.append((trial, int(event.result["step"]), event.result))
-        elif event.kind == "finished":
-            trial.update(status="FINISHED", asha_stopped=not event.result.get("final", False))
-        elif event.kind == "failed":
-            trial["status"] = "FAILED"
-    return _frame([_row(trial, step, values, metric) for trial, step, values in rows])
+            continue
+        ended = [t for t in trials.values() if t["trial_id"] == event.trial_id]
+        for trial in ended[:-1]:  # the segments before the last: population-based training replaced them
+            trial["status"] = "FINISHED"
+        if ended and event.kind == "finished":
+            ended[-1].update(status="FINISHED", asha_stopped=not event.result.get("final", False))
+        elif ended and event.kind == "failed":
+            ended[-1]["status"] = "FAILED"
+    return _frame([_row(trial, step, values, metric, _lineage(values)) for trial, step, values in rows])
+
+
+def _lineage(values: dict) -> list[str] | None:
+    return json.loads(values["lineage"]) if values.get("lineage") else None
 
 
 POINT_METRICS = ("attention_sparsity", "latency_ms", "params", "macs")
 COUNTS = ("params", "macs")  # integers; MLflow stores every metric as a float
 
 
-def _row(trial: dict, step: int, values: dict, metric: str) -> dict | None:
-    """A point of the report; None until both the metric and the sparsity of that step are known."""
+def _row(trial: dict, step: int, values: dict, metric: str, lineage: list[str] | None) -> dict | None:
+    """A point of the report; None until both the metric and the sparsity of that step are known.
+
+    `lineage` lists the strategy of each step up to at least `step` (from the dense model); a search
+    from before schedules were recorded has none, and its trials kept one strategy throughout."""
     if values.get(metric) is None or values.get("attention_sparsity") is None:
         return None
     config = trial["config"]
+    strategy = "/".join(str(config.get(k)) for k in STRATEGY_KEYS)
+    steps = lineage[:step] if lineage else [strategy] * step
     return {
         "trial": trial["trial"],
+        "segment": trial.get("segment", 0),
         "run_id": trial["run_id"],
-        "strategy": "/".join(str(config.get(k)) for k in STRATEGY_KEYS),
+        "strategy": strategy,
+        "schedule": schedule_summary([{"strategy": name} for name in steps]),
         **{k: config.get(k) for k in STRATEGY_KEYS},
         "step_ratio": float(config.get("step_ratio", "nan")),
         "lora_rank": str(config.get("lora_rank")),
@@ -158,7 +178,7 @@ def _plot(points: pd.DataFrame, front: pd.DataFrame, metric: str, path: Path, ti
 
 
 def _table(frame: pd.DataFrame, metric: str) -> str:
-    columns = ["trial", "strategy", "step_ratio", "lora_rank", "step", "attention_sparsity", metric, "latency_ms", "params"]
+    columns = ["trial", "schedule", "step_ratio", "lora_rank", "step", "attention_sparsity", metric, "latency_ms", "params"]
     columns = [c for c in columns if c in frame]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
@@ -196,11 +216,11 @@ def log_report(client: MlflowClient, parent: str, report: Report) -> None:
 
 def print_front(report: Report, metric: str) -> None:
     """The front as a table on the terminal."""
-    print(f"{'trial':<14}{'strategy':<36}{'step':>5}{'sparsity':>10}{metric:>10}{'latency ms':>12}")
+    print(f"{'trial':<16}{'step':>5}{'sparsity':>10}{metric:>10}{'latency ms':>12}  schedule")
     for _, row in report.front.iterrows():
         latency = "" if pd.isna(row["latency_ms"]) else f"{row['latency_ms']:.2f}"
         print(
-            f"{str(row['trial'])[:13]:<14}{row['strategy'][:35]:<36}{row['step']:>5}"
-            f"{row['attention_sparsity']:>10.1%}{row[metric]:>10.4f}{latency:>12}"
+            f"{str(row['trial'])[:15]:<16}{row['step']:>5}"
+            f"{row['attention_sparsity']:>10.1%}{row[metric]:>10.4f}{latency:>12}  {row['schedule']}"
         )
     print(f"hypervolume {report.hypervolume:.4f} (reference: sparsity 0, {metric} 0)")

@@ -17,7 +17,7 @@ from ray import tune
 from ray.tune import ExperimentAnalysis, ResultGrid
 
 from search.report import Report, build_report, collect_points, log_report, print_front, tune_points
-from search.tracking import MlflowTracker, fail_fast, tune_events
+from search.tracking import MlflowTracker, fail_fast, run_key, tune_events
 
 STATE_FILE = "search.json"
 
@@ -123,12 +123,12 @@ def _report(experiment: str, state: SearchState, out: Path, title: str) -> Repor
 
 
 def _log_front_models(client: MlflowClient, results: ResultGrid, front) -> None:
-    """Attach the pruned model of every front point (its step checkpoint) to the trial's child run, once."""
+    """Attach the pruned model of every front point (its step checkpoint) to its segment's child run, once."""
     checkpoints = {}
     for result in results:
         trial = (result.metrics or {}).get("trial_id")
         for checkpoint, metrics in result.best_checkpoints or []:
-            checkpoints[trial, int(metrics["step"])] = checkpoint
+            checkpoints[run_key(trial, int(metrics.get("segment", 0))), int(metrics["step"])] = checkpoint
     for _, row in front.iterrows():
         checkpoint = checkpoints.get((row["trial"], int(row["step"])))
         folder = f"pruned-model-step-{int(row['step'])}"

@@ -1,6 +1,6 @@
 """Run or resume a pruning-strategy search: Optuna proposes (`searchers`), ASHA stops (`schedulers`), MLflow tracks.
 
-`searcher` (optuna, random, grid) and `scheduler` (asha, pareto_asha, none) swap either side, and
+`searcher` (optuna, random, grid) and `scheduler` (asha, pareto_asha, pbt, none) swap either side, and
 `step_budget` caps the prune steps of the whole search, so the methods can be compared at equal cost.
 What a search leaves behind, and its report, are in `results`.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.tune import ExperimentAnalysis
 from ray.tune.search import BasicVariantGenerator
 
 from data_prep.loader import make_loader, read_manifest
@@ -23,25 +24,29 @@ from search.results import SearchState, finish, load_state, save_state
 from search.schedulers import StepBudget, build_scheduler
 from search.searchers import build_searcher, trial_count
 from search.space import ConfigError, SearchConfig, load_config
-from search.tracking import MlflowTracker, experiment_id, fail_fast, parent_run, tracking_uri
+from search.tracking import MlflowTracker, end_lost_runs, experiment_id, fail_fast, parent_run, tracking_uri
 from search.trainable import TrialSettings, run_trial
+from search.warm_start import WarmStart, tell_earlier_trials
 
 
-def run(config: SearchConfig, *, address: str | None = None, runs_dir: Path = Path("runs")) -> int:
-    """Start a new search; returns the process exit code (non-zero when a trial failed for good)."""
+def run(config: SearchConfig, *, address: str | None = None, runs_dir: Path = Path("runs"),
+        warm_start: WarmStart | None = None) -> int:
+    """Start a new search (its study told an earlier search's trials with `warm_start`); returns the process
+    exit code (non-zero when a trial failed for good)."""
     manifest = _check_inputs(config)
     metric = METRIC_NAME[manifest["task"]]
     search_id = f"{config.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
     searcher = build_searcher(config, search_id, metric)
-    scheduling = build_scheduler(config, metric)
-    if not scheduling.takes_searcher and not isinstance(searcher.search_alg, BasicVariantGenerator):
-        raise ConfigError(f"{config.source}: scheduler: {config.scheduler} proposes its own trials; use searcher: grid")
+    warm_params = tell_earlier_trials(warm_start, searcher, config, metric, runs_dir) if warm_start else {}
     client_uri = tracking_uri(runs_dir)
     client = MlflowClient(client_uri)
     mlflow_experiment = _mlflow_experiment(client, config.experiment, runs_dir)
     _connect(address)
     settings = _settings(config, manifest, float("nan"))
     settings = replace(settings, dense_metric=_dense_metric(settings))
+    scheduling = build_scheduler(config, metric, settings.dense_metric)
+    if not scheduling.takes_searcher and not isinstance(searcher.search_alg, BasicVariantGenerator):
+        raise ConfigError(f"{config.source}: scheduler: {config.scheduler} proposes its own trials; use searcher: random or grid")
     parent = parent_run(
         client,
         mlflow_experiment,
@@ -49,7 +54,7 @@ def run(config: SearchConfig, *, address: str | None = None, runs_dir: Path = Pa
         {"config": config.source, "baseline": config.baseline, "data": config.data,
          f"dense_{metric}": settings.dense_metric, "target_sparsity": config.target_sparsity,
          "schedule": config.schedule, "trials": trial_count(config), "multi_objective": config.multi_objective,
-         "searcher": config.searcher, "scheduler": config.scheduler},
+         "searcher": config.searcher, "scheduler": config.scheduler, **warm_params},
     )
     storage = _storage(config.storage)
     state = SearchState(
@@ -71,6 +76,9 @@ def run(config: SearchConfig, *, address: str | None = None, runs_dir: Path = Pa
             scheduler=scheduling.scheduler,
             num_samples=searcher.num_samples,
             time_budget_s=config.time_budget_s,
+            # a new trial (or a PBT clone) takes over a finished trial's process: no new Python, no torch import
+            # (the tests' 6-trial search: 58 s -> 18 s on 2 cores)
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=search_id,
@@ -95,8 +103,22 @@ def resume(experiment: str, *, address: str | None = None, runs_dir: Path = Path
     settings = _settings(config, manifest, state.settings["dense"])
     if not tune.Tuner.can_restore(state.experiment_dir):
         raise ValueError(f"{state.experiment_dir}: no Ray Tune experiment to resume there")
+    _end_lost_runs(state)
     tuner = tune.Tuner.restore(state.experiment_dir, trainable=_trainable(settings), resume_unfinished=True, resume_errored=True)
     return finish(tuner.fit(), config.experiment, state, runs_dir)
+
+
+def _end_lost_runs(state: SearchState) -> None:
+    """Trials the killed driver started after Tune's last state save cannot resume: end their runs (MLflow permitting)."""
+    known = {trial.trial_id for trial in ExperimentAnalysis(state.experiment_dir).trials}
+    try:
+        lost = end_lost_runs(MlflowClient(state.tracking_uri), state.mlflow_experiment, state.parent_run, known)
+    except Exception as error:  # noqa: BLE001 - MLflow down: the runs stay RUNNING, nothing else is affected
+        print(f"note: could not check MLflow for runs lost with the driver ({type(error).__name__})")
+        return
+    if lost:
+        print(f"{len(lost)} trial(s) started after Tune's last saved state were lost with the driver: "
+              f"{', '.join(lost)} (their MLflow runs end as KILLED; the search proposes other trials instead)")
 
 
 def _check_inputs(config: SearchConfig) -> dict:

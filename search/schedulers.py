@@ -15,13 +15,15 @@ along in sparsity can survive.
 from __future__ import annotations
 
 import math
+import random
 from typing import NamedTuple
 
 from ray import tune
-from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
 
-from search.pareto import nondominated_ranks
-from search.space import SearchConfig
+from prune_core import GRANULARITIES
+from search.pareto import mean_accuracy_to, nondominated_ranks
+from search.space import SPACE_KEYS, Param, SearchConfig
 
 TIME_ATTR = "sparsity_pct"  # the attention sparsity a trial reached, in percent: ASHA's rungs
 ASHA_METRIC = "area"  # the normalized area under the accuracy-sparsity curve (maximized)
@@ -34,11 +36,16 @@ class Scheduling(NamedTuple):
     takes_searcher: bool
 
 
-def build_scheduler(config: SearchConfig, metric: str) -> Scheduling:
-    """The scheduler `config.scheduler` names, with rungs of attention sparsity (in percent) up to the target."""
+def build_scheduler(config: SearchConfig, metric: str, dense_metric: float) -> Scheduling:
+    """The scheduler `config.scheduler` names, with rungs of attention sparsity (in percent) up to the target.
+
+    `dense_metric` is the baseline's metric: every trial's curve starts there (PBT ranks on curves).
+    """
     max_t = round(100 * config.target_sparsity)
     if config.scheduler == "none":
         return Scheduling(FIFOScheduler(), takes_searcher=True)
+    if config.scheduler == "pbt":
+        return Scheduling(StrategyPbt(config, metric, dense_metric), takes_searcher=False)
     if config.scheduler == "pareto_asha":
         scheduler = ParetoAsha(TIME_ATTR, (metric, "attention_sparsity"), max_t, config.asha.grace_period,
                                config.asha.reduction_factor)
@@ -57,19 +64,21 @@ def build_scheduler(config: SearchConfig, metric: str) -> Scheduling:
 class StepBudget(tune.Stopper):
     """Ends the search once its trials have run `budget` prune steps together.
 
-    Steps are counted as distinct (trial, step) pairs: Tune hands a finished function trainable's
-    last result to stoppers a second time, and a restored trial may repeat a step's report. The
-    count is per driver session (a resumed search gets the budget again); it is the compute budget
-    the search-efficiency benchmark compares methods at.
+    Steps are counted as distinct (trial, segment, step) triples: Tune hands a finished function
+    trainable's last result to stoppers a second time, and a restored trial may repeat a step's
+    report, but a trial that population-based training sends on from another trial's checkpoint (a
+    new segment) runs its steps anew, so they count. The count is per driver session (a resumed
+    search gets the budget again); it is the compute budget the search-efficiency benchmark
+    compares methods at.
     """
 
     def __init__(self, budget: int | None) -> None:
         self.budget = budget
-        self.steps: set[tuple[str, int]] = set()
+        self.steps: set[tuple[str, int, int]] = set()
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         if result.get("step") is not None:
-            self.steps.add((trial_id, int(result["step"])))
+            self.steps.add((trial_id, int(result.get("segment", 0)), int(result["step"])))
         return False
 
     def stop_all(self) -> bool:
@@ -117,3 +126,113 @@ class ParetoAsha(FIFOScheduler):
 
     def debug_string(self) -> str:
         return "ParetoAsha: " + " | ".join(f"{m:g}: {len(r)} trials" for m, r in self.rungs)
+
+
+class StrategyPbt(PopulationBasedTraining):
+    """Population-based training over strategy schedules (`scheduler: pbt`).
+
+    Every `pbt.interval` percent of attention sparsity, a trial in the bottom quantile goes on from a
+    top trial's step checkpoint (its pruned, LoRA-merged model) with an explored config for its next
+    steps, so its schedule may change strategy on the way and no step of the top trial is redone.
+    Two changes to Ray's PBT:
+    - trials are ranked by their mean accuracy up to the sparsity all of them have reached (the
+      curve from the dense model), not on each one's last score, which grows with the sparsity reached;
+    - explore resamples each searched key from the space with probability `pbt.resample` (Ray's list
+      mutation shifts to the neighbouring entry, meaningless for strategy names), and never proposes a
+      granularity that cannot prune the clone's model (after `variable_per_head`, ragged heads).
+    A clone's config carries its lineage: `segment` (0, then one more per exploit) and `cloned_from`
+    ("trial/step"); the trainable starts a new segment from it.
+    """
+
+    def __init__(self, config: SearchConfig, metric: str, dense_metric: float) -> None:
+        self.space = {param.name: param for param in config.space}
+        self.resample = config.pbt.resample
+        self.metric_name, self.dense_metric = metric, dense_metric
+        self.rng = random.Random(config.seed)
+        self.curves: dict[str, dict[int, tuple[float, float]]] = {}  # trial id -> step -> (sparsity, metric)
+        super().__init__(
+            time_attr=TIME_ATTR,
+            metric=ASHA_METRIC,
+            mode="max",
+            perturbation_interval=config.pbt.interval,
+            burn_in_period=config.pbt.interval,
+            quantile_fraction=config.pbt.quantile,
+            custom_explore_fn=self.explore,
+            log_config=False,
+        )
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get("step") is not None and self.metric_name in result:
+            step = int(result["step"])
+            if result.get("cloned_from") and step - 1 == int(result["cloned_from"].rsplit("/", 1)[1]):
+                self._inherit(trial.trial_id, result["cloned_from"])  # a clone's first step: its true origin
+            curve = self.curves.setdefault(trial.trial_id, {})
+            curve[step] = (float(result["attention_sparsity"]), float(result[self.metric_name]))
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def _inherit(self, trial_id: str, cloned_from: str) -> None:
+        """A clone's curve: its source's, up to the step it was cloned at."""
+        source, step = cloned_from.rsplit("/", 1)
+        self.curves[trial_id] = {s: point for s, point in self.curves.get(source, {}).items() if s <= int(step)}
+
+    def curve(self, trial_id: str) -> list[tuple[float, float]]:
+        """The trial's accuracy-sparsity curve along its lineage, from the dense model."""
+        return [(0.0, self.dense_metric), *sorted(self.curves.get(trial_id, {}).values())]
+
+    def _quantiles(self):
+        """Bottom and top quantile by mean accuracy up to the sparsity every ranked trial has reached."""
+        trials = [
+            trial for trial, state in self._trial_state.items()
+            if state.last_score is not None and not math.isnan(state.last_score) and not trial.is_finished()
+            and not self._final(trial) and self.curves.get(trial.trial_id)
+        ]
+        if len(trials) <= 1:
+            return [], []
+        reached = min(max(sparsity for sparsity, _ in self.curves[t.trial_id].values()) for t in trials)
+        trials.sort(key=lambda t: mean_accuracy_to(self.curve(t.trial_id), reached))
+        count = min(math.ceil(len(trials) * self._quantile_fraction), len(trials) // 2)
+        return trials[:count], trials[len(trials) - count:]
+
+    def _final(self, trial) -> bool:
+        """Whether the trial has reported its last step (nothing is left to clone it for)."""
+        return any((result or {}).get("final", False) for result in (self._trial_state[trial].last_result, trial.last_result))
+
+    def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile, lower_quantile) -> None:
+        """As Ray's, but a top trial is cloned from its latest step checkpoint: every step reports one, while
+        Ray's PBT only holds one for a trial taken at that trial's own last perturbation in the top quantile."""
+        for top in upper_quantile:
+            if top is not trial and top.checkpoint is not None and not self._final(top):
+                state = self._trial_state[top]
+                state.last_checkpoint, state.last_result = top.checkpoint, top.last_result
+        super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, lower_quantile)
+
+    def _get_new_config(self, trial, trial_to_clone) -> tuple[dict, dict]:
+        """The clone's explored config, with its lineage; the clone's curve goes with it."""
+        cloned = self._trial_state[trial_to_clone].last_result
+        step = int(cloned["step"])
+        new = self.explore(trial_to_clone.config, ragged=bool(cloned.get("ragged_heads", False)))
+        new["segment"] = int(trial.config.get("segment", 0)) + 1
+        new["cloned_from"] = f"{trial_to_clone.trial_id}/{step}"  # as the scheduler sees it; the trainable reports the truth
+        self._inherit(trial.trial_id, new["cloned_from"])
+        return new, {}
+
+    def explore(self, config: dict, ragged: bool = False) -> dict:
+        """`config` with each searched key resampled from the space with probability `resample`; on a model
+        with ragged heads only the granularities that prune those."""
+        new = dict(config)
+        for name in SPACE_KEYS:
+            if self.rng.random() < self.resample:
+                new[name] = self._sample(self.space[name])
+        if ragged and not GRANULARITIES[new["granularity"]].ragged_heads:
+            able = [g for g in self.space["granularity"].choices if GRANULARITIES[g].ragged_heads]
+            new["granularity"] = config["granularity"] if config["granularity"] in able else self.rng.choice(able)
+        return new
+
+    def _sample(self, param: Param):
+        if param.choices is not None:
+            return self.rng.choice(param.choices)
+        if param.distribution == "int":
+            return self.rng.randint(int(param.low), int(param.high))
+        if param.distribution == "loguniform":
+            return math.exp(self.rng.uniform(math.log(param.low), math.log(param.high)))
+        return self.rng.uniform(param.low, param.high)

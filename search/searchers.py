@@ -1,4 +1,5 @@
-"""Who proposes the trials: Optuna (TPE, NSGA-II when multi-objective, or its random sampler) or the full grid.
+"""Who proposes the trials: Optuna (TPE, NSGA-II when multi-objective, or its random sampler) or the full grid;
+under `scheduler: pbt`, Tune's own sampler draws the first population (Ray allows no search algorithm there).
 
 In multi-objective mode Optuna optimizes (metric, attention sparsity); metric and mode are given to the
 searcher alone (a TuneConfig metric would make the study single-objective), and a trial stopped early is
@@ -44,6 +45,11 @@ def build_searcher(config: SearchConfig, study_name: str, metric: str) -> Search
     if config.searcher == "grid":
         grid = {name: tune.grid_search(values) for name, values in grid_values(config).items()}
         return SearchPlan(BasicVariantGenerator(max_concurrent=config.max_concurrent), grid, 1)
+    if config.scheduler == "pbt":  # Tune's own sampler draws the first population; PBT explores from there
+        points = [dict(point) for point in config.points_to_evaluate[: config.trials]]
+        generator = BasicVariantGenerator(points_to_evaluate=points or None, max_concurrent=config.max_concurrent,
+                                          random_state=config.seed)
+        return SearchPlan(generator, tune_space(config), config.trials)
     if config.multi_objective:
         objective = {"metric": [metric, "attention_sparsity"], "mode": ["max", "max"]}
         sampler = optuna.samplers.NSGAIISampler(seed=config.seed)
@@ -51,7 +57,7 @@ def build_searcher(config: SearchConfig, study_name: str, metric: str) -> Search
         objective = {"metric": "area", "mode": "max"}
         sampler = (optuna.samplers.RandomSampler if config.searcher == "random" else optuna.samplers.TPESampler)(seed=config.seed)
     searcher = StudyAwareOptunaSearch(
-        space=_distributions(config),
+        space=optuna_distributions(config),
         points_to_evaluate=[dict(p) for p in config.points_to_evaluate] or None,
         sampler=sampler,
         study_name=study_name,
@@ -60,12 +66,28 @@ def build_searcher(config: SearchConfig, study_name: str, metric: str) -> Search
     return SearchPlan(ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent), None, config.trials)
 
 
+def tune_space(config: SearchConfig) -> dict:
+    """The space as Tune's own sampling domains (for the population of `scheduler: pbt`)."""
+    space = {}
+    for param in config.space:
+        if param.choices is not None:
+            space[param.name] = tune.choice(list(param.choices))
+        elif param.distribution == "int":
+            space[param.name] = tune.randint(int(param.low), int(param.high) + 1)
+        elif param.distribution == "loguniform":
+            space[param.name] = tune.loguniform(param.low, param.high)
+        else:
+            space[param.name] = tune.uniform(param.low, param.high)
+    return space
+
+
 def trial_count(config: SearchConfig) -> int:
     """Trials the search runs: every combination of the grid, else `trials`."""
     return math.prod(len(v) for v in grid_values(config).values()) if config.searcher == "grid" else config.trials
 
 
-def _distributions(config: SearchConfig) -> dict:
+def optuna_distributions(config: SearchConfig) -> dict:
+    """The space as Optuna distributions (the study's, and what earlier trials are told in)."""
     space = {}
     for param in config.space:
         if param.choices is not None:

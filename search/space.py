@@ -19,7 +19,8 @@ from prune_core import GRANULARITIES, SCORERS, THRESHOLDS
 from prune_core.session import SCHEDULES
 
 SEARCHERS = ("optuna", "random", "grid")  # TPE (or NSGA-II), Optuna's random sampler, every combination
-SCHEDULERS = ("asha", "pareto_asha", "none")  # ASHA on the area, MO-ASHA on (metric, sparsity), no stopping
+# ASHA on the area, MO-ASHA on (metric, sparsity), population-based training over strategy schedules, no stopping
+SCHEDULERS = ("asha", "pareto_asha", "pbt", "none")
 SPACE_KEYS = ("granularity", "scorer", "threshold", "step_ratio", "lora_rank", "lora_alpha", "lr", "epochs")
 DISTRIBUTIONS = ("uniform", "loguniform", "int")
 # The paper's strategies, to warm-start Optuna (`points_to_evaluate: paper`).
@@ -66,6 +67,17 @@ class AshaConfig:
 
 
 @dataclass(frozen=True)
+class PbtConfig:
+    """Population-based training: every `interval` percent of attention sparsity a trial in the bottom
+    `quantile` goes on from a top trial's checkpoint with an explored strategy (each key resampled
+    from the space with probability `resample`)."""
+
+    interval: int = 10  # percent attention sparsity between two exploit/explore decisions of a trial
+    quantile: float = 0.25
+    resample: float = 0.5
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     """A whole search: data, baseline, budget, the space, the scheduler and where results go."""
 
@@ -94,6 +106,7 @@ class SearchConfig:
     storage: str = "runs/ray"
     resources: Resources = field(default_factory=Resources)
     asha: AshaConfig = field(default_factory=AshaConfig)
+    pbt: PbtConfig = field(default_factory=PbtConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)  # its seed is the search's `seed`
     source: str = "<config>"
 
@@ -187,7 +200,7 @@ def parse_config(raw: dict, source: str = "<config>") -> SearchConfig:
                 raise _fail(source, f"space.{param.name}", f"{value!r} is not {_EXPECTED[param.name]}")
         if param.distribution and param.name in ("granularity", "scorer", "threshold"):
             raise _fail(source, f"space.{param.name}", "must be a list of names, not a distribution")
-    values = {k: v for k, v in raw.items() if k not in ("space", "resources", "asha", "loader", "points_to_evaluate")}
+    values = {k: v for k, v in raw.items() if k not in ("space", "resources", "asha", "pbt", "loader", "points_to_evaluate")}
     points = raw.get("points_to_evaluate", ())
     if points == "paper":
         points = PAPER_POINTS
@@ -202,6 +215,7 @@ def parse_config(raw: dict, source: str = "<config>") -> SearchConfig:
         points_to_evaluate=tuple(_complete(point, space) for point in points),
         resources=_section(source, "resources", Resources, raw.get("resources")),
         asha=_section(source, "asha", AshaConfig, raw.get("asha")),
+        pbt=_section(source, "pbt", PbtConfig, raw.get("pbt")),
         loader=_section(source, "loader", LoaderConfig, raw.get("loader"), seed=seed),
         source=source,
     )
@@ -260,6 +274,8 @@ def _validate(config: SearchConfig) -> None:
         raise _fail(source, "asha", "grace_period >= 1 (percent sparsity) and reduction_factor >= 2")
     if config.asha.grace_period >= round(100 * config.target_sparsity):
         raise _fail(source, "asha.grace_period", "must be below the target sparsity in percent, or ASHA never stops a trial")
+    if config.scheduler == "pbt":
+        _validate_pbt(config)
     choices = {p.name: p for p in config.space}
     for index, point in enumerate(config.points_to_evaluate):
         for key, value in point.items():
@@ -268,6 +284,23 @@ def _validate(config: SearchConfig) -> None:
             param = choices[key]
             if param.choices is not None and value not in param.choices:
                 raise _fail(source, f"points_to_evaluate[{index}].{key}", f"{value!r} is not among the choices {list(param.choices)}")
+
+
+def _validate_pbt(config: SearchConfig) -> None:
+    """PBT proposes its own trials after the first population, ranks on one metric, and explores only
+    transitions that can run."""
+    source, pbt = config.source, config.pbt
+    if config.searcher not in ("random", "grid"):
+        raise _fail(source, "searcher", "scheduler: pbt draws its first population itself: use searcher: random or grid "
+                    f"(got {config.searcher!r}; Ray refuses a search algorithm beside population-based training)")
+    if config.multi_objective:
+        raise _fail(source, "multi_objective", "scheduler: pbt ranks trials on one metric (the area); drop multi_objective")
+    if not isinstance(pbt.interval, int) or not 1 <= pbt.interval < round(100 * config.target_sparsity):
+        raise _fail(source, "pbt.interval", f"an integer >= 1 below the target sparsity in percent, got {pbt.interval!r}")
+    if not 0 < pbt.quantile <= 0.5:
+        raise _fail(source, "pbt.quantile", f"a fraction in (0, 0.5], got {pbt.quantile!r}")
+    if not 0 <= pbt.resample <= 1:
+        raise _fail(source, "pbt.resample", f"a probability in [0, 1], got {pbt.resample!r}")
 
 
 def grid_values(config: SearchConfig) -> dict[str, list]:

@@ -1,4 +1,9 @@
-"""MLflow tracking: one parent run per search, one nested child run per trial, metrics per prune step.
+"""MLflow tracking: one parent run per search, one nested child run per trial segment, metrics per prune step.
+
+A trial is one segment until population-based training sends it on from another trial's checkpoint:
+each such exploit starts a new segment, a child run of its own (run name `trial.segment`), tagged with
+its trial, segment, where it was cloned from (`trial/step`) and its lineage (the strategy of every step
+from the dense model, a JSON list), so a user browsing MLflow reads each model's schedule.
 
 The callback runs in the Tune driver, so trials need no MLflow access (a cluster's workers may not
 reach the tracking server). Every Tune event becomes an idempotent `Event` in a queue, sent in
@@ -18,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -27,6 +32,12 @@ TRIAL_TAG = "prune_search.trial_id"
 STOPPED_TAG = "prune_search.asha_stopped"
 NODES_TAG = "prune_search.nodes"
 ERROR_TAG = "prune_search.error"
+SEGMENT_TAG = "prune_search.segment"
+CLONED_FROM_TAG = "prune_search.cloned_from"
+LINEAGE_TAG = "prune_search.lineage"  # JSON list: the strategy of each step, from the dense model
+EXPLOITED_TAG = "prune_search.exploited"  # "true" on a segment population-based training replaced
+LOST_TAG = "prune_search.lost_with_driver"
+LINEAGE_KEYS = ("segment", "cloned_from")  # config keys PBT adds to a clone: tags of its run, not params
 STRATEGY_KEYS = ("granularity", "scorer", "threshold")
 LAYER_METRIC = "layer_sparsity/"  # + layer index: the fraction of that layer's attention parameters removed
 METRIC_KEYS = (
@@ -44,7 +55,7 @@ METRIC_KEYS = (
     "area",
 )
 # What the tracker keeps of a Tune result: the metrics, and what it needs to place and tag them.
-RESULT_KEYS = (*METRIC_KEYS, "step", "final", "layer_sparsity", "node_id")
+RESULT_KEYS = (*METRIC_KEYS, "step", "final", "layer_sparsity", "node_id", "segment", "cloned_from", "lineage")
 # A tracking server that is down must fail fast (the queue retries), not stall the Tune loop in
 # MLflow's own retries with backoff (minutes by default). A user's own setting wins.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -80,18 +91,48 @@ def parent_run(client: MlflowClient, experiment: str, search_id: str, params: di
     return run.info.run_id
 
 
+def end_lost_runs(client: MlflowClient, experiment: str, parent: str, known: set[str]) -> list[str]:
+    """End the child runs still RUNNING whose trial Tune's saved state does not know; returns their trial ids.
+
+    Tune saves its experiment state every 10 s or so: a trial that started after the last save when the
+    driver died is unknown to a resume, which cannot continue it (its searcher proposes another trial
+    instead). Its run would stay RUNNING forever; it ends as KILLED, tagged `prune_search.lost_with_driver`.
+    """
+    lost = []
+    for run in client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+        trial = run.data.tags.get(TRIAL_TAG)
+        if run.info.status == "RUNNING" and trial not in known:
+            client.set_tag(run.info.run_id, LOST_TAG, "true")
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+            lost.append(trial)
+    return lost
+
+
 def _param(key: str, value: Any) -> Param:
     return Param(key, str(value)[:6000])
 
 
 @dataclass(frozen=True)
 class Event:
-    """One thing to mirror into a trial's child run; handling it twice changes nothing."""
+    """One thing to mirror into a trial segment's child run; handling it twice changes nothing."""
 
     kind: str  # "started", "result" (one prune step), "finished" or "failed"
     trial_id: str
     config: dict = field(default_factory=dict)
     result: dict = field(default_factory=dict)
+
+    @property
+    def segment(self) -> int:
+        return int(self.result.get("segment", self.config.get("segment", 0)))
+
+    @property
+    def run_key(self) -> str:
+        """The child run's name: the trial id, and `.segment` after the first segment."""
+        return run_key(self.trial_id, self.segment)
+
+
+def run_key(trial_id: str, segment: int) -> str:
+    return trial_id if segment == 0 else f"{trial_id}.{segment}"
 
 
 class MlflowTracker(tune.Callback):
@@ -142,16 +183,17 @@ class MlflowTracker(tune.Callback):
         return False
 
     def _handle(self, event: Event) -> None:
-        run_id = self._run_for(event.trial_id, event.config)
+        key = event.run_key
+        run_id = self._run_for(event)
         if event.kind == "started":
-            if event.trial_id in self._ended:  # restarted after a failure, or resumed: it runs again
+            if key in self._ended:  # restarted after a failure, or resumed: it runs again
                 self.client.update_run(run_id, RunStatus.to_string(RunStatus.RUNNING))
-                self._ended.discard(event.trial_id)
+                self._ended.discard(key)
             return
         if event.kind == "result":
-            self._log_step(event.trial_id, run_id, event.result)
+            self._log_step(key, run_id, event.result)
             return
-        if event.trial_id in self._ended:  # a replayed end: the run already says how it ended
+        if key in self._ended:  # a replayed end: the run already says how it ended
             return
         if event.kind == "finished":
             self.client.set_tag(run_id, STOPPED_TAG, str(not event.result.get("final", False)).lower())
@@ -161,44 +203,61 @@ class MlflowTracker(tune.Callback):
             self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         else:
             raise ValueError(f"unknown event kind {event.kind!r}")
-        self._ended.add(event.trial_id)
+        self._ended.add(key)
 
-    def _run_for(self, trial_id: str, config: dict) -> str:
-        """The trial's child run: remembered, found in MLflow (after a resume or a replay), or created."""
-        if trial_id in self._runs:
-            return self._runs[trial_id]
+    def _run_for(self, event: Event) -> str:
+        """The segment's child run: remembered, found in MLflow (after a resume or a replay), or created.
+
+        A new segment ends its trial's previous one, tagged as exploited."""
+        key = event.run_key
+        if key in self._runs:
+            return self._runs[key]
+        trial_id, segment, config = event.trial_id, event.segment, event.config
         found = self.client.search_runs(
             [self.experiment],
             filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{self.parent}'",
-            max_results=1,
         )
+        found = [run for run in found if int(run.data.tags.get(SEGMENT_TAG, "0")) == segment]
         if found:
             run_id = found[0].info.run_id
             logged = {m.step for m in self.client.get_metric_history(run_id, "attention_sparsity")}
             nodes = [n for n in found[0].data.tags.get(NODES_TAG, "").split(",") if n]
             if found[0].info.status in ("FINISHED", "FAILED"):
-                self._ended.add(trial_id)
+                self._ended.add(key)
         else:
             tags = {
                 "mlflow.parentRunId": self.parent,
                 TRIAL_TAG: trial_id,
                 SEARCH_TAG: self.search_id,
+                SEGMENT_TAG: str(segment),
                 "strategy": "/".join(str(config.get(k)) for k in STRATEGY_KEYS),
                 **{k: str(config.get(k)) for k in STRATEGY_KEYS},
             }
-            run_id = self.client.create_run(self.experiment, run_name=trial_id, tags=tags).info.run_id
-            self.client.log_batch(run_id, params=[_param(k, v) for k, v in sorted(config.items())])
+            run_id = self.client.create_run(self.experiment, run_name=key, tags=tags).info.run_id
+            params = [_param(k, v) for k, v in sorted(config.items()) if k not in LINEAGE_KEYS]
+            self.client.log_batch(run_id, params=params)
             logged, nodes = set(), []
-        self._runs[trial_id], self._logged[trial_id], self._nodes[trial_id] = run_id, logged, nodes
+            if segment > 0:
+                self._end_exploited(trial_id, segment - 1)
+        self._runs[key], self._logged[key], self._nodes[key] = run_id, logged, nodes
         return run_id
 
-    def _log_step(self, trial_id: str, run_id: str, result: dict) -> None:
+    def _end_exploited(self, trial_id: str, segment: int) -> None:
+        """The trial's previous segment: population-based training replaced its model; it ends here."""
+        previous = self._run_for(Event("started", trial_id, {"segment": segment}))
+        key = run_key(trial_id, segment)
+        if key not in self._ended:
+            self.client.set_tag(previous, EXPLOITED_TAG, "true")
+            self.client.set_terminated(previous, RunStatus.to_string(RunStatus.FINISHED))
+            self._ended.add(key)
+
+    def _log_step(self, key: str, run_id: str, result: dict) -> None:
         node = result.get("node_id")
-        if node and node not in self._nodes[trial_id]:  # the Ray nodes a trial ran on, in order
-            self.client.set_tag(run_id, NODES_TAG, ",".join([*self._nodes[trial_id], node]))
-            self._nodes[trial_id].append(node)
+        if node and node not in self._nodes[key]:  # the Ray nodes a trial ran on, in order
+            self.client.set_tag(run_id, NODES_TAG, ",".join([*self._nodes[key], node]))
+            self._nodes[key].append(node)
         step = int(result["step"])
-        if step in self._logged[trial_id]:
+        if step in self._logged[key]:
             return
         stamp = int(time.time() * 1000)
         metrics = [Metric(k, float(result[k]), stamp, step) for k in METRIC_KEYS if result.get(k) is not None]
@@ -206,8 +265,11 @@ class MlflowTracker(tune.Callback):
             Metric(f"{LAYER_METRIC}{i}", value, stamp, step)
             for i, value in enumerate(json.loads(result.get("layer_sparsity") or "[]"))
         ]
-        self.client.log_batch(run_id, metrics=metrics)
-        self._logged[trial_id].add(step)
+        tags = [RunTag(LINEAGE_TAG, result["lineage"])] if result.get("lineage") else []
+        if result.get("cloned_from"):  # the trainable's word, from the checkpoint it was handed
+            tags.append(RunTag(CLONED_FROM_TAG, str(result["cloned_from"])))
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        self._logged[key].add(step)
 
     # Tune's callback hooks, in the driver
 
@@ -238,7 +300,10 @@ def _kept(result: dict) -> dict:
 
 
 def tune_events(analysis) -> list[Event]:
-    """Every trial of a Tune experiment (an `ExperimentAnalysis` of its folder or URI) as events."""
+    """Every trial of a Tune experiment (an `ExperimentAnalysis` of its folder or URI) as events.
+
+    Each row carries the config its segment ran with (Tune stores it with every result), so a trial
+    that population-based training sent on from another's checkpoint replays as its segments."""
     from ray.tune.experiment.trial import Trial
 
     frames = analysis.trial_dataframes
@@ -249,7 +314,8 @@ def tune_events(analysis) -> list[Event]:
             if row.get("attention_sparsity") is not None:
                 last = _kept(row)
                 last["step"] = int(last["step"])
-                events.append(Event("result", trial.trial_id, dict(trial.config), last))
+                last["segment"] = int(last.get("segment", 0))
+                events.append(Event("result", trial.trial_id, _row_config(row, trial.config), last))
         if trial.status == Trial.TERMINATED:
             events.append(Event("finished", trial.trial_id, dict(trial.config), {"final": bool(last.get("final", False))}))
         elif trial.status == Trial.ERROR:
@@ -257,16 +323,24 @@ def tune_events(analysis) -> list[Event]:
     return events
 
 
+def _row_config(row: dict, fallback: dict) -> dict:
+    """The config a stored result ran with (Tune's `config/...` columns), else the trial's last config."""
+    config = {k[len("config/"):]: v for k, v in row.items() if k.startswith("config/") and v == v and v is not None}
+    return config or dict(fallback)
+
+
 def _stored_rows(trial, frame) -> list[dict]:
-    """A trial's stored results in step order: result.json's rows (Tune's `frame`), plus the progress.csv
-    rows of steps it lacks. After a trial restarts on another node, Tune's result.json can lose the rows
-    written before the failure while progress.csv keeps them."""
+    """A trial's stored results in (segment, step) order: result.json's rows (Tune's `frame`), plus the
+    progress.csv rows it lacks. After a trial restarts on another node, Tune's result.json can lose the
+    rows written before the failure while progress.csv keeps them."""
     rows = {}
     for source in (frame, _progress_csv(trial)):
         for row in [] if source is None or source.empty else source.to_dict("records"):
             if row.get("step") == row.get("step") and row.get("step") is not None:  # not missing, not NaN
-                rows.setdefault(int(row["step"]), row)
-    return [rows[step] for step in sorted(rows)]
+                segment = row.get("segment")
+                segment = 0 if segment is None or segment != segment else int(segment)
+                rows.setdefault((segment, int(row["step"])), row)
+    return [rows[key] for key in sorted(rows)]
 
 
 def _progress_csv(trial) -> pd.DataFrame | None:

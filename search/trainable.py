@@ -2,7 +2,10 @@
 
 A trial loads the dense baseline (or its last step checkpoint after a failure), then iterates
 prune_core's `PruningSession`. Each step's metrics go to `tune.report` with a safetensors checkpoint,
-so ASHA can stop the trial there and Tune can resume it there.
+so ASHA can stop the trial there and Tune can resume it there. Under population-based training a
+trial may be handed another trial's checkpoint with a new config: it goes on from that model as a
+new segment of its schedule, and each result says which segment, where it was cloned from, and the
+strategy of every step of its lineage.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from search.pareto import normalized_area
 from search.space import SearchConfig
 
 CURVE_FILE = "curve.json"
+SEGMENT_FILE = "segment.json"  # which trial and segment wrote a checkpoint
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,11 @@ def session_config(config: dict, settings: TrialSettings) -> SessionConfig:
     )
 
 
+def _saved_segment(directory: Path) -> dict:
+    path = directory / SEGMENT_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"trial_id": None, "segment": 0}
+
+
 def run_trial(config: dict, settings: TrialSettings) -> None:
     """Ray Tune function trainable (bound with `tune.with_parameters(run_trial, settings=...)`)."""
     search = settings.search
@@ -94,10 +103,21 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
         "evaluation": make_loader(search.data, search.eval_split, search.loader, train=False),
         "loss_fn": soft_target_loss,
     }
+    trial_id = tune.get_context().get_trial_id()
+    segment = {"trial_id": trial_id, "segment": int(config.get("segment", 0)), "cloned_from": config.get("cloned_from", "")}
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            session = PruningSession.resume(directory, **sources)
+            saved = _saved_segment(Path(directory))
+            # a checkpoint of another trial or segment: population-based training cloned it, and this
+            # trial goes on from it with its own (explored) config; else a restart of this segment
+            clone = (saved["trial_id"], saved["segment"]) != (trial_id, segment["segment"])
+            explored = session_config(config, settings) if clone else None
+            session = PruningSession.resume(directory, config=explored, **sources)
+            if clone:  # where the model really comes from: the checkpoint says, not the scheduler's view of it
+                segment["cloned_from"] = f"{saved['trial_id']}/{session.step}"
+            else:
+                segment["cloned_from"] = saved.get("cloned_from", segment["cloned_from"])
             curve = [tuple(point) for point in json.loads((Path(directory) / CURVE_FILE).read_text())]
         session.model.to(device)
     else:
@@ -123,6 +143,10 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
             "layers": json.dumps(result.layers),
             "layer_sparsity": json.dumps(layer_sparsity(session.model)),
             "node_id": ray.get_runtime_context().get_node_id(),
+            "segment": segment["segment"],
+            "cloned_from": segment["cloned_from"],
+            "lineage": json.dumps([record["strategy"] for record in session.history]),
+            "ragged_heads": any("qk_dims" in layer for layer in result.layers),
         }
         if final:
             test = make_loader(search.data, "test", search.loader, train=False)
@@ -130,4 +154,5 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
         with tempfile.TemporaryDirectory() as directory:
             session.save(directory)
             (Path(directory) / CURVE_FILE).write_text(json.dumps(curve))
+            (Path(directory) / SEGMENT_FILE).write_text(json.dumps(segment))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))

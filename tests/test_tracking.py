@@ -144,3 +144,25 @@ def test_the_report_prints_counts_as_integers(store, tmp_path):
     page = found.files["html"].read_text()
     assert "<td>552778</td>" in page and "552778.0" not in page
     assert pd.read_parquet(found.files["table"])["params"].tolist() == [552778]
+
+
+def test_runs_lost_with_a_killed_driver_end_killed(tmp_path):
+    """A trial Tune's saved state does not know (started after its last save) cannot resume: its run ends KILLED."""
+    from mlflow.entities import RunStatus
+
+    from search.tracking import LOST_TAG, TRIAL_TAG, end_lost_runs
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = experiment_id(client, "lost", tmp_path)
+    parent = parent_run(client, experiment, "lost-1", {})
+    runs = {}
+    for trial, status in (("known", "RUNNING"), ("lost", "RUNNING"), ("done", "FINISHED")):
+        run = client.create_run(experiment, run_name=trial, tags={"mlflow.parentRunId": parent, TRIAL_TAG: trial})
+        if status == "FINISHED":
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+        runs[trial] = run.info.run_id
+    assert end_lost_runs(client, experiment, parent, known={"known"}) == ["lost"]
+    assert client.get_run(runs["lost"]).info.status == "KILLED"
+    assert client.get_run(runs["lost"]).data.tags[LOST_TAG] == "true"
+    assert client.get_run(runs["known"]).info.status == "RUNNING"
+    assert client.get_run(runs["done"]).info.status == "FINISHED"
