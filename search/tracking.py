@@ -92,19 +92,23 @@ def parent_run(client: MlflowClient, experiment: str, search_id: str, params: di
 
 
 def end_lost_runs(client: MlflowClient, experiment: str, parent: str, known: set[str]) -> list[str]:
-    """End the child runs still RUNNING whose trial Tune's saved state does not know; returns their trial ids.
+    """Tag the child runs whose trial Tune's saved state does not know, and end those still RUNNING as
+    KILLED; returns their trial ids.
 
     Tune saves its experiment state every 10 s or so: a trial that started after the last save when the
     driver died is unknown to a resume, which cannot continue it (its searcher proposes another trial
-    instead). Its run would stay RUNNING forever; it ends as KILLED, tagged `prune_search.lost_with_driver`.
+    instead). Its run would stay RUNNING forever; a run that finished in that window keeps its results
+    (they are real) but is not in Tune's record. Both are tagged `prune_search.lost_with_driver`.
     """
     lost = []
     for run in client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
         trial = run.data.tags.get(TRIAL_TAG)
-        if run.info.status == "RUNNING" and trial not in known:
-            client.set_tag(run.info.run_id, LOST_TAG, "true")
+        if trial in known or run.data.tags.get(LOST_TAG) == "true":
+            continue
+        client.set_tag(run.info.run_id, LOST_TAG, "true")
+        if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
-            lost.append(trial)
+        lost.append(trial)
     return lost
 
 
