@@ -25,7 +25,7 @@ from search.results import SearchState, load_state
 from search.schedulers import ASHA_METRIC
 from search.searchers import SearchPlan, optuna_distributions
 from search.space import ConfigError, SearchConfig
-from search.tracking import STOPPED_TAG, fail_fast, tune_events
+from search.tracking import SEGMENT_TAG, STOPPED_TAG, fail_fast, tune_events
 
 TrialState = optuna.trial.TrialState
 
@@ -119,14 +119,20 @@ def earlier_trials(state: SearchState) -> list[EarlierTrial]:
 
 
 def _tune_trials(analysis: ExperimentAnalysis) -> list[EarlierTrial]:
+    """A trial's first segment: its config alone made those steps. Under population-based training a later
+    segment goes on from another trial's model, so no single point of the space describes it: left out,
+    and a first segment cut short by a clone counts as stopped at its last step."""
     trials: dict[str, dict] = {}
     for event in tune_events(analysis):
+        if event.kind == "result" and event.segment > 0:
+            trials.get(event.trial_id, {}).update(replaced=True)
+            continue
         trial = trials.setdefault(event.trial_id, {"config": event.config, "last": {}, "failed": False})
-        if event.kind == "result":  # the config its last segment ran with (population-based training changes it)
+        if event.kind == "result" and not trial.get("replaced"):
             trial.update(config=event.config, last=event.result)
-        elif event.kind == "failed":
+        elif event.kind == "failed" and not trial.get("replaced"):  # a later segment's failure is not this one's
             trial["failed"] = True
-    return [EarlierTrial(trial_id, **trial) for trial_id, trial in trials.items()]
+    return [EarlierTrial(trial_id, trial["config"], trial["last"], trial["failed"]) for trial_id, trial in trials.items()]
 
 
 def _mlflow_trials(state: SearchState) -> list[EarlierTrial]:
@@ -136,6 +142,8 @@ def _mlflow_trials(state: SearchState) -> list[EarlierTrial]:
     children = client.search_runs([state.mlflow_experiment], filter_string=f"tags.`mlflow.parentRunId` = '{state.parent_run}'")
     trials = []
     for run in children:
+        if int(run.data.tags.get(SEGMENT_TAG, "0")) > 0:  # a population-based training clone: see _tune_trials
+            continue
         history: dict[int, dict] = {}
         for key in (ASHA_METRIC, state.metric, "attention_sparsity"):
             for entry in client.get_metric_history(run.info.run_id, key):

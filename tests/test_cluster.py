@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from prune_core import build_ast
-from search.tracking import NODES_TAG, TRIAL_TAG
+from search.tracking import CLONED_FROM_TAG, LINEAGE_TAG, NODES_TAG, TRIAL_TAG
 from tests.services import MlflowServer, RayCluster, mlflow_server, ray_cluster, start_mlflow_server
 from tests.test_prepare import write_wav
 
@@ -121,29 +121,32 @@ def finish(process: subprocess.Popen, runs: Path, timeout: float = 420) -> str:
 
 
 def tune_steps(storage: Path) -> dict[str, list[int]]:
-    """Ray Tune's own record: trial id -> the steps it stored, each once and in order.
+    """Ray Tune's own record: trial segment (its MLflow run name) -> the steps it stored, each once and in order.
 
     Tune logs a trial twice, to result.json and progress.csv. After a trial restarts on another node,
     result.json can lose the rows written before the failure (seen: step 1 gone, progress.csv whole),
-    so the record is the union of the two logs.
+    so the record is the union of the two logs. Under population-based training a trial's log holds
+    its segments one after the other (each clone restarts the step count from the step it was cloned at).
     """
-    record = {}
+    record: dict[str, set[int]] = {}
     for results in storage.glob("*/*/result.json"):
         rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
         with open(results.with_name("progress.csv"), newline="") as progress:
             csv_rows = list(csv.DictReader(progress))
-        if not rows and not csv_rows:
-            continue
-        logs = [[row["step"] for row in rows], [int(row["step"]) for row in csv_rows]]
-        for steps in logs:
-            assert steps == sorted(set(steps)), f"{results.parent.name}: Tune logged a step twice or out of order: {steps}"
-        trial = rows[0]["trial_id"] if rows else csv_rows[0]["trial_id"]
-        record[trial] = sorted(set(logs[0]) | set(logs[1]))
-    return record
+        for log in (rows, csv_rows):
+            by_segment: dict[str, list[int]] = {}
+            for row in log:
+                segment = int(row.get("segment") or 0)
+                key = row["trial_id"] if segment == 0 else f"{row['trial_id']}.{segment}"
+                by_segment.setdefault(key, []).append(int(row["step"]))
+            for key, steps in by_segment.items():
+                assert steps == sorted(set(steps)), f"{key}: Tune logged a step twice or out of order: {steps}"
+                record.setdefault(key, set()).update(steps)
+    return {key: sorted(steps) for key, steps in record.items()}
 
 
 def mlflow_record(url: str, experiment: str) -> tuple[MlflowClient, list, dict[str, dict]]:
-    """(client, parent runs, trial id -> {run, steps per metric}) from the tracking server, over HTTP."""
+    """(client, parent runs, run name (trial segment) -> {run, steps per metric}) from the tracking server, over HTTP."""
     client = MlflowClient(url)
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id])
@@ -153,7 +156,7 @@ def mlflow_record(url: str, experiment: str) -> tuple[MlflowClient, list, dict[s
         if "mlflow.parentRunId" in run.data.tags:
             steps = {key: [m.step for m in client.get_metric_history(run.info.run_id, key)]
                      for key in ("accuracy", "attention_sparsity", "params", "macs", "latency_ms", "layer_sparsity/0")}
-            children[run.data.tags[TRIAL_TAG]] = {"run": run, "steps": steps}
+            children[run.info.run_name] = {"run": run, "steps": steps}
     return client, parents, children
 
 
@@ -162,12 +165,16 @@ LAST_STEP = 5
 
 
 def assert_complete(children: dict, record: dict[str, list[int]]) -> None:
-    """One child run per Tune trial; every step Tune recorded is in MLflow once, for every metric."""
-    assert set(children) == set(record), "one MLflow child run per Tune trial"
-    for trial, reported in record.items():
-        assert reported[0] == 1 and reported == list(range(1, reported[-1] + 1)) and reported[-1] <= LAST_STEP
-        for key, steps in children[trial]["steps"].items():
-            assert steps == reported, f"{trial}: MLflow {key} steps {steps} != Tune's {reported}"
+    """One child run per Tune trial segment; every step Tune recorded is in MLflow once, for every metric.
+
+    A first segment starts at step 1; a clone's at the step after the one it was cloned at."""
+    assert set(children) == set(record), "one MLflow child run per Tune trial segment"
+    for key, reported in record.items():
+        tags = children[key]["run"].data.tags
+        first = int(tags[CLONED_FROM_TAG].rsplit("/", 1)[1]) + 1 if CLONED_FROM_TAG in tags else 1
+        assert reported == list(range(first, reported[-1] + 1)) and reported[-1] <= LAST_STEP, (key, reported)
+        for metric, steps in children[key]["steps"].items():
+            assert steps == reported, f"{key}: MLflow {metric} steps {steps} != Tune's {reported}"
 
 
 def test_search_on_two_nodes_tracked_by_an_mlflow_server(cluster, workspace, tmp_path):
@@ -192,12 +199,16 @@ def test_search_on_two_nodes_tracked_by_an_mlflow_server(cluster, workspace, tmp
 
 
 def test_a_worker_node_killed_mid_trial(cluster, workspace, tmp_path):
-    """The trial on a node that dies resumes from its last step checkpoint on the other node and finishes."""
+    """Under population-based training, the trial on a node that dies resumes from its last step checkpoint on
+    the other node and finishes; no segment, step or lineage is lost, and Tune and MLflow agree on all of them."""
     base, first = workspace
     second = cluster.add_worker(cpus=1, resources={TRIAL_RESOURCE: 1})
     runs = tmp_path / "runs"
     with mlflow_server(tmp_path / "mlflow") as server:
-        config = search_config(base, "node-lost", slow=True, storage=str(tmp_path / "ray"))
+        config = search_config(
+            base, "node-lost", slow=True, storage=str(tmp_path / "ray"), scheduler="pbt", searcher="random",
+            pbt={"interval": 10, "quantile": 0.5, "resample": 1.0},
+        )
         driver = start_search(cluster, server, config, runs)
         victim, killed = None, None
         deadline = time.time() + 300
@@ -207,24 +218,32 @@ def test_a_worker_node_killed_mid_trial(cluster, workspace, tmp_path):
                 _, _, children = mlflow_record(server.url, "node-lost")
             except Exception:  # noqa: BLE001 - the experiment may not exist yet
                 continue
-            for trial, child in children.items():
+            for key, child in children.items():
                 nodes = child["run"].data.tags.get(NODES_TAG, "")
                 if child["run"].info.status == "RUNNING" and child["steps"]["accuracy"] and nodes in (first, second):
-                    victim, killed = trial, nodes
+                    victim, killed = child["run"].data.tags[TRIAL_TAG], nodes
                     break
         assert victim is not None, "no trial was caught mid-run"
-        steps_before = len(mlflow_record(server.url, "node-lost")[2][victim]["steps"]["accuracy"])
         cluster.kill_worker(killed)
         log = finish(driver, runs)
         assert "2 trials: 2 finished" in log and "0 failed" in log, log[-3000:]
         _, _, children = mlflow_record(server.url, "node-lost")
         record = tune_steps(tmp_path / "ray")
         assert_complete(children, record)
-        nodes = children[victim]["run"].data.tags[NODES_TAG].split(",")
+        segments = sorted(key for key in children if key.split(".")[0] == victim)
+        nodes = [node for key in segments for node in children[key]["run"].data.tags[NODES_TAG].split(",")]
         survivor = second if killed == first else first
-        assert nodes == [killed, survivor], f"the victim ran on {nodes}"
-        assert record[victim][-1] > steps_before, "the victim went on after the node died"
+        assert killed in nodes and nodes[-1] == survivor, f"the victim ran on {nodes}"
         assert all(child["run"].info.status == "FINISHED" for child in children.values())
+        # every segment's lineage: one strategy per step, a clone's starting with its source's
+        lineages = {key: json.loads(child["run"].data.tags[LINEAGE_TAG]) for key, child in children.items()}
+        for key, child in children.items():
+            assert len(lineages[key]) == record[key][-1], (key, lineages[key])
+            if CLONED_FROM_TAG in child["run"].data.tags:
+                source, step = child["run"].data.tags[CLONED_FROM_TAG].rsplit("/", 1)
+                sources = [other for other in record if other.split(".")[0] == source and int(step) in record[other]]
+                assert sources, f"{key} was cloned from a step Tune never recorded"
+                assert lineages[key][: int(step)] == lineages[sources[0]][: int(step)], key
 
 
 def test_mlflow_server_down_during_a_search(cluster, workspace, tmp_path):

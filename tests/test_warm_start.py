@@ -143,3 +143,25 @@ def test_a_second_search_starts_from_the_first_ones_trials(workspace, monkeypatc
     assert len(own) == 2 and all("warm_start" not in t.user_attrs for t in own)
     _, (parent,), _ = child_runs(runs, "warm-second")
     assert (parent.data.params["warm_start"], parent.data.params["warm_start_trials"]) == ("warm-first", "2")
+
+
+def test_from_an_earlier_pbt_search_only_first_segments_count(monkeypatch):
+    """A clone's segment went on from another trial's model: no point of the space describes it. The first
+    segment it replaced counts as stopped at its last step."""
+    import search.warm_start as warm_start
+
+    config = {"granularity": "per_head", "scorer": "fisher", "threshold": "global", "step_ratio": 0.1}
+    clone = {**config, "granularity": "entire_head", "segment": 1, "cloned_from": "b/2"}
+    events = [
+        Event("result", "a", config, {"step": 1, "area": 0.2, "final": False}),
+        Event("result", "a", config, {"step": 2, "area": 0.4, "final": False}),
+        Event("result", "a", clone, {"step": 3, "area": 0.5, "segment": 1, "final": False}),
+        Event("result", "a", clone, {"step": 4, "area": 0.6, "segment": 1, "final": True}),
+        Event("finished", "a", clone, {"final": True}),
+        Event("result", "b", config, {"step": 1, "area": 0.3, "final": True}),
+        Event("finished", "b", config, {"final": True}),
+    ]
+    monkeypatch.setattr(warm_start, "tune_events", lambda analysis: events)
+    trials = {trial.trial_id: trial for trial in warm_start._tune_trials(analysis=None)}
+    assert trials["a"].config == config and trials["a"].last["step"] == 2 and not trials["a"].last["final"]
+    assert trials["b"].last["final"]
