@@ -220,7 +220,18 @@ class PruningSession:
 
     def switch(self, config: SessionConfig) -> None:
         """Go on from the current step with `config`: its strategy and step ratio, from the sparsity the
-        schedule has reached (so a new step ratio applies to the steps still to come)."""
+        schedule has reached (so a new step ratio applies to the steps still to come).
+
+        A granularity that cannot prune the model as it is (a uniform one after `variable_per_head` left
+        heads of different dims) is refused here, before any step runs."""
+        granularity = config.strategy.granularity
+        ragged = next((site for site in attention_sites(self.model) if not site.shape.is_uniform), None)
+        if ragged is not None and not GRANULARITIES[granularity].ragged_heads:
+            able = sorted(name for name, g in GRANULARITIES.items() if g.ragged_heads)
+            raise ValueError(
+                f"cannot switch to granularity {granularity!r}: the heads of {ragged.path} have different dims "
+                f"(Q/K {ragged.shape.qk_dims}); after variable_per_head use one of {able}"
+            )
         self.config = config.continued_from(self.target(self.step))
         self.start_step = self.step
 

@@ -115,14 +115,15 @@ def test_save_load_and_resume_keep_the_lineage_exactly(tmp_path):
     )
 
 
-def test_a_granularity_that_needs_uniform_heads_is_refused_after_variable_per_head():
+def test_a_switch_to_a_granularity_that_needs_uniform_heads_is_refused_after_variable_per_head():
     model, batches = tiny_ast(layers=3), ast_batches()
     run = session(model, config("variable_per_head/magnitude/global", 0.3), batches)
     next(run)
     assert not all(site.shape.is_uniform for site in attention_sites(run.model))
-    run.switch(config("per_head/magnitude/global", 0.2))
-    with pytest.raises(ValueError, match="needs the heads of a layer to share their dims"):
-        next(run)
+    with pytest.raises(ValueError, match=r"cannot switch to granularity 'per_head'.*\['entire_head', 'variable_per_head'\]"):
+        run.switch(config("per_head/magnitude/global", 0.2))
+    run.switch(config("entire_head/magnitude/global", 0.2))  # takes ragged heads
+    next(run)
 
 
 def test_schedule_summary_run_length_encodes():
