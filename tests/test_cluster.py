@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from prune_core import build_ast
-from search.tracking import CLONED_FROM_TAG, LINEAGE_TAG, NODES_TAG, TRIAL_TAG
+from search.tracking import CLONED_FROM_TAG, NODES_TAG
 from tests.services import MlflowServer, RayCluster, mlflow_server, ray_cluster, start_mlflow_server
 from tests.test_prepare import write_wav
 
@@ -199,16 +199,12 @@ def test_search_on_two_nodes_tracked_by_an_mlflow_server(cluster, workspace, tmp
 
 
 def test_a_worker_node_killed_mid_trial(cluster, workspace, tmp_path):
-    """Under population-based training, the trial on a node that dies resumes from its last step checkpoint on
-    the other node and finishes; no segment, step or lineage is lost, and Tune and MLflow agree on all of them."""
+    """The trial on a node that dies resumes from its last step checkpoint on the other node and finishes."""
     base, first = workspace
     second = cluster.add_worker(cpus=1, resources={TRIAL_RESOURCE: 1})
     runs = tmp_path / "runs"
     with mlflow_server(tmp_path / "mlflow") as server:
-        config = search_config(
-            base, "node-lost", slow=True, storage=str(tmp_path / "ray"), scheduler="pbt", searcher="random",
-            pbt={"interval": 10, "quantile": 0.5, "resample": 1.0},
-        )
+        config = search_config(base, "node-lost", slow=True, storage=str(tmp_path / "ray"))
         driver = start_search(cluster, server, config, runs)
         victim, killed = None, None
         deadline = time.time() + 300
@@ -218,32 +214,24 @@ def test_a_worker_node_killed_mid_trial(cluster, workspace, tmp_path):
                 _, _, children = mlflow_record(server.url, "node-lost")
             except Exception:  # noqa: BLE001 - the experiment may not exist yet
                 continue
-            for key, child in children.items():
+            for trial, child in children.items():
                 nodes = child["run"].data.tags.get(NODES_TAG, "")
                 if child["run"].info.status == "RUNNING" and child["steps"]["accuracy"] and nodes in (first, second):
-                    victim, killed = child["run"].data.tags[TRIAL_TAG], nodes
+                    victim, killed = trial, nodes
                     break
         assert victim is not None, "no trial was caught mid-run"
+        steps_before = len(mlflow_record(server.url, "node-lost")[2][victim]["steps"]["accuracy"])
         cluster.kill_worker(killed)
         log = finish(driver, runs)
         assert "2 trials: 2 finished" in log and "0 failed" in log, log[-3000:]
         _, _, children = mlflow_record(server.url, "node-lost")
         record = tune_steps(tmp_path / "ray")
         assert_complete(children, record)
-        segments = sorted(key for key in children if key.split(".")[0] == victim)
-        nodes = [node for key in segments for node in children[key]["run"].data.tags[NODES_TAG].split(",")]
+        nodes = children[victim]["run"].data.tags[NODES_TAG].split(",")
         survivor = second if killed == first else first
-        assert killed in nodes and nodes[-1] == survivor, f"the victim ran on {nodes}"
+        assert nodes == [killed, survivor], f"the victim ran on {nodes}"
+        assert record[victim][-1] > steps_before, "the victim went on after the node died"
         assert all(child["run"].info.status == "FINISHED" for child in children.values())
-        # every segment's lineage: one strategy per step, a clone's starting with its source's
-        lineages = {key: json.loads(child["run"].data.tags[LINEAGE_TAG]) for key, child in children.items()}
-        for key, child in children.items():
-            assert len(lineages[key]) == record[key][-1], (key, lineages[key])
-            if CLONED_FROM_TAG in child["run"].data.tags:
-                source, step = child["run"].data.tags[CLONED_FROM_TAG].rsplit("/", 1)
-                sources = [other for other in record if other.split(".")[0] == source and int(step) in record[other]]
-                assert sources, f"{key} was cloned from a step Tune never recorded"
-                assert lineages[key][: int(step)] == lineages[sources[0]][: int(step)], key
 
 
 def test_mlflow_server_down_during_a_search(cluster, workspace, tmp_path):

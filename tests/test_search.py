@@ -248,20 +248,27 @@ def test_asha_rungs_are_sparsity_percent_and_its_metric_the_area(tmp_path):
     assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [30, 10], "rungs from the grace period up"
 
 
-def test_a_trial_asha_stops_is_pruned_in_the_optuna_study(workspace, monkeypatch):
-    """Multi-objective Optuna + ASHA: a trial ASHA stops reaches the study as PRUNED, the others as COMPLETE
-    with their final (accuracy, sparsity)."""
-    import optuna
-
+@pytest.fixture
+def searcher_plans(monkeypatch) -> list:
+    """The searchers the test's searches used (`build_searcher`'s results), to open their studies afterwards."""
     import search.runner
 
     plans, build = [], search.runner.build_searcher
 
-    def recording(*args, **kwargs):  # keeps the searcher the search used, to open its study afterwards
+    def recording(*args, **kwargs):
         plans.append(build(*args, **kwargs))
         return plans[-1]
 
     monkeypatch.setattr(search.runner, "build_searcher", recording)
+    return plans
+
+
+def test_a_trial_asha_stops_is_pruned_in_the_optuna_study(workspace, monkeypatch, searcher_plans):
+    """Multi-objective Optuna + ASHA: a trial ASHA stops reaches the study as PRUNED, the others as COMPLETE
+    with their final (accuracy, sparsity)."""
+    import optuna
+
+    plans = searcher_plans
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     runs = workspace / "runs"
     path = search_config(workspace, "mo-asha", trials=4, multi_objective=True,  # the paper's 4 strategies

@@ -11,7 +11,7 @@ from search.searchers import build_searcher, optuna_distributions
 from search.space import ConfigError, load_config
 from search.tracking import STOPPED_TAG, TRIAL_TAG, Event, MlflowTracker, experiment_id, parent_run
 from search.warm_start import EarlierTrial, WarmStart, earlier_trials, study_of, tell, tell_earlier_trials
-from tests.test_search import child_runs, search_config, workspace  # noqa: F401 - the prepared data and baseline
+from tests.test_search import child_runs, search_config, searcher_plans, workspace  # noqa: F401 - fixtures
 
 TrialState = optuna.trial.TrialState
 CONFIG = {"granularity": "per_head", "scorer": "fisher", "threshold": "global", "step_ratio": 0.2, "lora_rank": 4,
@@ -117,18 +117,11 @@ def test_without_tune_results_the_trials_come_from_mlflow(tmp_path):
     assert found["t-stopped"].last["final"] is False and found["t-failed"].failed
 
 
-def test_a_second_search_starts_from_the_first_ones_trials(workspace, monkeypatch):  # noqa: F811
+def test_a_second_search_starts_from_the_first_ones_trials(workspace, monkeypatch, searcher_plans):  # noqa: F811
     """End to end on local Ray: the second study holds the first search's 2 trials, then its own 2."""
-    import search.runner
     from search.runner import run
 
-    plans, build = [], search.runner.build_searcher
-
-    def recording(*args, **kwargs):  # keeps the searcher the search used, to open its study afterwards
-        plans.append(build(*args, **kwargs))
-        return plans[-1]
-
-    monkeypatch.setattr(search.runner, "build_searcher", recording)
+    plans = searcher_plans
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     runs = workspace / "runs"
     first = search_config(workspace, "warm-first", trials=2, points_to_evaluate=[])
