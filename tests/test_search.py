@@ -150,7 +150,10 @@ def test_bad_config_fails_before_ray_starts(workspace, tmp_path):
 def test_resume_after_a_killed_driver(workspace, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    config = search_config(workspace, "killed", trials=4, storage=str(tmp_path / "ray"), asha={"grace_period": 20, "reduction_factor": 4})
+    # 6 trials of 4 steps: long enough that the kill, after the first trial finishes, lands mid-search
+    # (trials reuse their actors and run fast)
+    config = search_config(workspace, "killed", space={"step_ratio": 0.1}, trials=6, storage=str(tmp_path / "ray"),
+                           asha={"grace_period": 20, "reduction_factor": 4})
     command = [sys.executable, "-m", "search.cli", "run", "--config", str(config), "--runs", str(tmp_path)]
     driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     state_file = tmp_path / "killed" / "search.json"
@@ -169,7 +172,7 @@ def test_resume_after_a_killed_driver(workspace, tmp_path):
     assert finished >= 1, "the driver should be killed after a trial finished"
     state = json.loads(state_file.read_text())
     trials = ExperimentAnalysis(state["experiment_dir"]).trials
-    assert not state["finished"] and sum(t.status == "TERMINATED" for t in trials) < 4, "killed before the search ended"
+    assert not state["finished"] and sum(t.status == "TERMINATED" for t in trials) < 6, "killed before the search ended"
     client, parents, before = child_runs(tmp_path, "killed")
     finished_before = {
         c.data.tags[TRIAL_TAG]: [(m.step, m.timestamp) for m in client.get_metric_history(c.info.run_id, "accuracy")]
@@ -187,8 +190,8 @@ def test_resume_after_a_killed_driver(workspace, tmp_path):
     lost = [c for c in after if c.data.tags[TRIAL_TAG] not in known]
     assert all(c.info.status != "RUNNING" and c.data.tags.get(LOST_TAG) == "true" for c in lost)
     after = [c for c in after if c.data.tags[TRIAL_TAG] in known]
-    assert len(parents) == 1 and len(after) == 4, "resume must not duplicate runs"
-    assert len({c.data.tags[TRIAL_TAG] for c in after}) == 4
+    assert len(parents) == 1 and len(after) == 6, "resume must not duplicate runs"
+    assert len({c.data.tags[TRIAL_TAG] for c in after}) == 6
     assert all(c.info.status == "FINISHED" for c in after)
     for child in after:
         history = [(m.step, m.timestamp) for m in client.get_metric_history(child.info.run_id, "accuracy")]
