@@ -134,9 +134,10 @@ class StrategyPbt(PopulationBasedTraining):
     Every `pbt.interval` percent of attention sparsity, a trial in the bottom quantile goes on from a
     top trial's step checkpoint (its pruned, LoRA-merged model) with an explored config for its next
     steps, so its schedule may change strategy on the way and no step of the top trial is redone.
-    Two changes to Ray's PBT:
+    Changes to Ray's PBT:
     - trials are ranked by their mean accuracy up to the sparsity all of them have reached (the
       curve from the dense model), not on each one's last score, which grows with the sparsity reached;
+    - a bottom trial is exploited only when it ranks strictly below the top ones (a tie is no reason to clone);
     - explore resamples each searched key from the space with probability `pbt.resample` (Ray's list
       mutation shifts to the neighbouring entry, meaningless for strategy names), and never proposes a
       granularity that cannot prune the clone's model (after `variable_per_head`, ragged heads).
@@ -189,9 +190,15 @@ class StrategyPbt(PopulationBasedTraining):
         if len(trials) <= 1:
             return [], []
         reached = min(max(sparsity for sparsity, _ in self.curves[t.trial_id].values()) for t in trials)
-        trials.sort(key=lambda t: mean_accuracy_to(self.curve(t.trial_id), reached))
+        score = {t: mean_accuracy_to(self.curve(t.trial_id), reached) for t in trials}
+        trials.sort(key=score.get)
         count = min(math.ceil(len(trials) * self._quantile_fraction), len(trials) // 2)
-        return trials[:count], trials[len(trials) - count:]
+        upper = trials[len(trials) - count:]
+        # Only a trial strictly worse than every top trial is exploited. A clone's curve is its source's up to
+        # the step it was cloned at, so while the others have not gone further they tie, and cloning on a tie
+        # would clone it again at every step (seen when a dead node's trial waited for a slot the clone held).
+        lower = [t for t in trials[:count] if score[t] < score[upper[0]]]
+        return lower, upper
 
     def _final(self, trial) -> bool:
         """Whether the trial has reported its last step (nothing is left to clone it for)."""

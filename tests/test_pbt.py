@@ -76,6 +76,22 @@ def test_pbt_ranks_at_the_sparsity_every_trial_has_reached():
     assert scheduler._quantiles() == ([], [])
 
 
+def test_a_tie_is_not_exploited():
+    """A clone's curve is its source's up to the step it was cloned at: while the source has not gone further
+    (its node died, it waits for a slot), the two tie, and the clone must go on rather than be cloned again."""
+    scheduler = StrategyPbt(pbt_config(), "accuracy", dense_metric=0.96)
+    source, clone = FakeTrial("source"), FakeTrial("clone")
+    scheduler.curves = {"source": {1: (0.1, 0.95), 2: (0.2, 0.90)},
+                        "clone": {1: (0.1, 0.95), 2: (0.2, 0.90), 3: (0.3, 0.80)}}
+    for trial in (clone, source):
+        state = _PBTTrialState(trial)
+        state.last_score, state.last_result = 0.5, {"final": False}
+        scheduler._trial_state[trial] = state
+    assert scheduler._quantiles()[0] == []
+    scheduler.curves["source"][2] = (0.2, 0.91)  # strictly better over [0, 20%]: now the clone is exploited
+    assert scheduler._quantiles() == ([clone], [source])
+
+
 def test_explore_resamples_from_the_space_and_respects_ragged_heads():
     config = pbt_config()
     start = {"granularity": "per_head", "scorer": "fisher", "threshold": "global", "step_ratio": 0.1, "lora_rank": 2,
