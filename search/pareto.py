@@ -52,37 +52,46 @@ def hypervolume(points: Sequence[Point], reference: Point = (0.0, 0.0)) -> float
     return area
 
 
-def normalized_area(curve: Sequence[Point], target: float) -> float:
-    """Area under a trial's accuracy–sparsity curve so far, divided by the target sparsity.
+def staircase_area(curve: Sequence[Point], upto: float) -> float:
+    """Mean over sparsity [0, `upto`] of the accuracy the trial delivers there: that of its least pruned
+    model at or beyond that sparsity, 0 past its last point.
 
-    The curve starts at the dense model (sparsity 0). A trial that keeps accuracy `a` all the way
-    to the target scores `a`; one that stops halfway scores at most `a / 2`, so the score rewards
-    both staying accurate and going further, and compares trials with different step sizes fairly.
+    This is the trial's own hypervolume (reference accuracy 0) divided by `upto`, the measure its points
+    add to a front: a trial that skips a level (25% steps) is paid its next model's accuracy there, never
+    the interpolation between two models that do not exist. A trial that keeps accuracy `a` all the way
+    scores `a`; one that stops halfway at most `a / 2`.
     """
-    if target <= 0:
-        raise ValueError(f"target sparsity must be > 0, got {target}")
+    _check_upto(upto)
+    area, done = 0.0, 0.0
+    for sparsity, accuracy in sorted(curve):
+        end = min(sparsity, upto)
+        if end > done:
+            area += (end - done) * accuracy
+            done = end
+    return area / upto
+
+
+def trapezoid_area(curve: Sequence[Point], upto: float) -> float:
+    """Mean over sparsity [0, `upto`] of the accuracy interpolated linearly between the curve's points,
+    0 past its last point (`objective: trapezoid`; it credits the levels a trial skips, which no model holds)."""
+    _check_upto(upto)
     ordered = sorted(curve)
     area = 0.0
     for (s0, a0), (s1, a1) in zip(ordered, ordered[1:]):
-        area += (min(s1, target) - min(s0, target)) * (a0 + a1) / 2
-    return area / target
-
-
-def mean_accuracy_to(curve: Sequence[Point], sparsity: float) -> float:
-    """Mean accuracy over attention sparsity [0, `sparsity`], linear between the curve's points.
-
-    Population-based training ranks trials with this at a sparsity all of them have reached: trials
-    whose steps land at different sparsities (other step ratios) are compared over the same range,
-    and a trial that has gone further gains nothing from it. `curve` starts at the dense model.
-    """
-    ordered = sorted(curve)
-    if sparsity <= 0 or not ordered or ordered[-1][0] < sparsity - 1e-12:
-        raise ValueError(f"the curve must reach sparsity {sparsity} (it reaches {ordered[-1][0] if ordered else None})")
-    area = 0.0
-    for (s0, a0), (s1, a1) in zip(ordered, ordered[1:]):
-        if s0 >= sparsity:
+        if s0 >= upto:
             break
-        end = min(s1, sparsity)
+        end = min(s1, upto)
         at_end = a0 + (a1 - a0) * (end - s0) / (s1 - s0) if s1 > s0 else a1
         area += (end - s0) * (a0 + at_end) / 2
-    return area / sparsity
+    return area / upto
+
+
+def _check_upto(upto: float) -> None:
+    if upto <= 0:
+        raise ValueError(f"the sparsity to average up to must be > 0, got {upto}")
+
+
+# The scalar a trial is ranked on (`objective:`): ASHA at its rungs and Optuna at its end take it up to the
+# target sparsity, population-based training up to the sparsity all ranked trials have reached. Curves start
+# at the dense model (sparsity 0).
+OBJECTIVES = {"staircase": staircase_area, "trapezoid": trapezoid_area}

@@ -53,7 +53,8 @@ def run(config: SearchConfig, *, address: str | None = None, runs_dir: Path = Pa
         search_id,
         {"config": config.source, "baseline": config.baseline, "data": config.data,
          f"dense_{metric}": settings.dense_metric, "target_sparsity": config.target_sparsity,
-         "schedule": config.schedule, "trials": trial_count(config), "multi_objective": config.multi_objective,
+         "schedule": config.schedule, "trials": trial_count(config), "objective": config.objective,
+         "multi_objective": config.multi_objective,
          "searcher": config.searcher, "scheduler": config.scheduler, **warm_params},
     )
     storage = _storage(config.storage)
@@ -65,7 +66,7 @@ def run(config: SearchConfig, *, address: str | None = None, runs_dir: Path = Pa
         mlflow_experiment=mlflow_experiment,
         parent_run=parent,
         metric=metric,
-        settings={"dense": settings.dense_metric},
+        settings={"dense": settings.dense_metric, "objective": config.objective},
     )
     save_state(runs_dir, config.experiment, state)
     tuner = tune.Tuner(

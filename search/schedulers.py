@@ -1,7 +1,8 @@
 """When trials stop: the scheduler a config names, the search's step budget, and a Pareto-aware ASHA (MO-ASHA).
 
 Rungs are on the attention sparsity reached in percent (`sparsity_pct`) and ASHA's metric is the
-normalized area under the accuracy-sparsity curve, so trials with different step ratios are compared
+trial's `objective` (by default the staircase area under its accuracy-sparsity curve, the trial's own
+hypervolume, over the target), so trials with different step ratios are compared
 at the same sparsity.
 
 ASHA stops a trial at a rung when its scalar metric falls below the rung's top 1/reduction_factor.
@@ -22,11 +23,11 @@ from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
 
 from prune_core import GRANULARITIES
-from search.pareto import mean_accuracy_to, nondominated_ranks
+from search.pareto import OBJECTIVES, nondominated_ranks
 from search.space import SPACE_KEYS, Param, SearchConfig
 
 TIME_ATTR = "sparsity_pct"  # the attention sparsity a trial reached, in percent: ASHA's rungs
-ASHA_METRIC = "area"  # the normalized area under the accuracy-sparsity curve (maximized)
+ASHA_METRIC = "area"  # the trial's `objective`: an area under its accuracy-sparsity curve over the target (maximized)
 
 
 class Scheduling(NamedTuple):
@@ -135,8 +136,8 @@ class StrategyPbt(PopulationBasedTraining):
     top trial's step checkpoint (its pruned, LoRA-merged model) with an explored config for its next
     steps, so its schedule may change strategy on the way and no step of the top trial is redone.
     Changes to Ray's PBT:
-    - trials are ranked by their mean accuracy up to the sparsity all of them have reached (the
-      curve from the dense model), not on each one's last score, which grows with the sparsity reached;
+    - trials are ranked by their `objective` up to the sparsity all of them have reached (the curve
+      from the dense model), not on each one's last score, which grows with the sparsity reached;
     - a bottom trial is exploited only when it ranks strictly below the top ones (a tie is no reason to clone);
     - explore resamples each searched key from the space with probability `pbt.resample` (Ray's list
       mutation shifts to the neighbouring entry, meaningless for strategy names), and never proposes a
@@ -149,6 +150,7 @@ class StrategyPbt(PopulationBasedTraining):
         self.space = {param.name: param for param in config.space}
         self.resample = config.pbt.resample
         self.metric_name, self.dense_metric = metric, dense_metric
+        self.objective = OBJECTIVES[config.objective]
         self.rng = random.Random(config.seed)
         self.curves: dict[str, dict[int, tuple[float, float]]] = {}  # trial id -> step -> (sparsity, metric)
         super().__init__(
@@ -181,7 +183,7 @@ class StrategyPbt(PopulationBasedTraining):
         return [(0.0, self.dense_metric), *sorted(self.curves.get(trial_id, {}).values())]
 
     def _quantiles(self):
-        """Bottom and top quantile by mean accuracy up to the sparsity every ranked trial has reached."""
+        """Bottom and top quantile by the objective up to the sparsity every ranked trial has reached."""
         trials = [
             trial for trial, state in self._trial_state.items()
             if state.last_score is not None and not math.isnan(state.last_score) and not trial.is_finished()
@@ -190,7 +192,7 @@ class StrategyPbt(PopulationBasedTraining):
         if len(trials) <= 1:
             return [], []
         reached = min(max(sparsity for sparsity, _ in self.curves[t.trial_id].values()) for t in trials)
-        score = {t: mean_accuracy_to(self.curve(t.trial_id), reached) for t in trials}
+        score = {t: self.objective(self.curve(t.trial_id), reached) for t in trials}
         trials.sort(key=score.get)
         count = min(math.ceil(len(trials) * self._quantile_fraction), len(trials) // 2)
         upper = trials[len(trials) - count:]

@@ -21,6 +21,7 @@ from prune_core.session import SCHEDULES
 SEARCHERS = ("optuna", "random", "grid")  # TPE (or NSGA-II), Optuna's random sampler, every combination
 # ASHA on the area, MO-ASHA on (metric, sparsity), population-based training over strategy schedules, no stopping
 SCHEDULERS = ("asha", "pareto_asha", "pbt", "none")
+OBJECTIVE_NAMES = ("staircase", "trapezoid")  # search.pareto.OBJECTIVES: the area a trial is ranked on
 SPACE_KEYS = ("granularity", "scorer", "threshold", "step_ratio", "lora_rank", "lora_alpha", "lr", "epochs")
 DISTRIBUTIONS = ("uniform", "loguniform", "int")
 # The paper's strategies, to warm-start Optuna (`points_to_evaluate: paper`).
@@ -92,6 +93,7 @@ class SearchConfig:
     step_budget: int | None = None  # stop the search after this many prune steps, all trials together
     max_concurrent: int = 2
     seed: int = 0
+    objective: str = "staircase"  # the area under a trial's accuracy-sparsity curve it is ranked on
     multi_objective: bool = False
     searcher: str = "optuna"
     scheduler: str = "asha"
@@ -256,6 +258,9 @@ def _validate(config: SearchConfig) -> None:
         raise _fail(source, "time_budget_s", "seconds > 0, or leave it out")
     if config.searcher not in SEARCHERS:
         raise _fail(source, "searcher", f"one of {list(SEARCHERS)}, got {config.searcher!r}")
+    if config.objective not in OBJECTIVE_NAMES:
+        raise _fail(source, "objective", f"one of {list(OBJECTIVE_NAMES)}, got {config.objective!r} (staircase: the "
+                    "accuracy the trial's models deliver at each sparsity; trapezoid: interpolated between them)")
     if config.scheduler not in SCHEDULERS:
         raise _fail(source, "scheduler", f"one of {list(SCHEDULERS)}, got {config.scheduler!r}")
     if config.searcher == "grid" and (config.multi_objective or config.points_to_evaluate):

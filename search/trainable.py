@@ -27,7 +27,7 @@ from prune_core.accounting import latency_ms, layer_sparsity
 from prune_core.finetune import LoraSettings
 from prune_core.metrics import METRIC_NAME, evaluate
 from prune_core.session import PruningSession, SessionConfig, Strategy, steps_to_target
-from search.pareto import normalized_area
+from search.pareto import OBJECTIVES
 from search.space import SearchConfig
 
 CURVE_FILE = "curve.json"
@@ -138,7 +138,7 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
             "latency_ms": latency_ms(session.model, repeats=search.latency_repeats),
             "step": result.step,
             "seconds": result.seconds,
-            "area": normalized_area(curve, search.target_sparsity),
+            "area": OBJECTIVES[search.objective](curve, search.target_sparsity),
             "final": final,
             "layers": json.dumps(result.layers),
             "layer_sparsity": json.dumps(layer_sparsity(session.model)),

@@ -58,8 +58,14 @@ def tell_earlier_trials(warm: WarmStart, plan: SearchPlan, config: SearchConfig,
             f"scheduler: {config.scheduler} has none (use searcher: optuna or random, and a scheduler other than pbt)"
         )
     state = load_state(runs_dir, warm.experiment)
-    if config.multi_objective and state.metric != metric:
+    if state.metric != metric:
         raise ConfigError(f"--warm-start {warm.experiment}: that search measured {state.metric}, this one {metric}")
+    earlier = state.settings.get("objective", "trapezoid")  # searches before `objective:` ranked on the trapezoid
+    if not config.multi_objective and earlier != config.objective:
+        raise ConfigError(
+            f"--warm-start {warm.experiment}: that search ranked trials on objective: {earlier}, this one on "
+            f"{config.objective}; their values do not compare (set objective: {earlier} to reuse its trials)"
+        )
     objectives = (metric, "attention_sparsity") if config.multi_objective else (ASHA_METRIC,)
     told = tell(study_of(plan), optuna_distributions(config), earlier_trials(state), objectives, warm)
     print(f"warm start: told the study {told} trials of {warm.experiment}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from search.pareto import dominates, hypervolume, nondominated_ranks, normalized_area, pareto_front
+from search.pareto import dominates, hypervolume, nondominated_ranks, pareto_front, staircase_area, trapezoid_area
 
 
 def test_dominates():
@@ -28,17 +28,35 @@ def test_hypervolume_by_hand():
     assert hypervolume([(0.5, 0.7)], reference=(0.0, 0.8)) == 0.0
 
 
-def test_normalized_area_by_hand():
+def test_trapezoid_area_by_hand():
     # flat 0.9 to the target scores 0.9
-    assert normalized_area([(0.0, 0.9), (0.25, 0.9), (0.5, 0.9)], target=0.5) == pytest.approx(0.9)
+    assert trapezoid_area([(0.0, 0.9), (0.25, 0.9), (0.5, 0.9)], upto=0.5) == pytest.approx(0.9)
     # stopping halfway halves it
-    assert normalized_area([(0.0, 0.9), (0.25, 0.9)], target=0.5) == pytest.approx(0.45)
-    # trapezoid: 0.9 -> 0.7 over [0, 0.5]: mean 0.8
-    assert normalized_area([(0.0, 0.9), (0.5, 0.7)], target=0.5) == pytest.approx(0.8)
-    # points past the target count only up to it
-    assert normalized_area([(0.0, 1.0), (1.0, 1.0)], target=0.5) == pytest.approx(1.0)
+    assert trapezoid_area([(0.0, 0.9), (0.25, 0.9)], upto=0.5) == pytest.approx(0.45)
+    # 0.9 -> 0.7 over [0, 0.5]: mean 0.8
+    assert trapezoid_area([(0.0, 0.9), (0.5, 0.7)], upto=0.5) == pytest.approx(0.8)
+    # past `upto` the line is cut where it crosses it: 0.9 -> 0.7 over [0, 1], accuracy 0.8 at 0.5
+    assert trapezoid_area([(0.0, 0.9), (1.0, 0.7)], upto=0.5) == pytest.approx(0.85)
+    # 0-0.25: (0.96 + 0.90) / 2 * 0.25; 0.25-0.3: accuracy 0.89 at 0.3, (0.90 + 0.89) / 2 * 0.05
+    assert trapezoid_area([(0.0, 0.96), (0.25, 0.90), (0.5, 0.85)], 0.3) == pytest.approx((0.2325 + 0.04475) / 0.3)
     with pytest.raises(ValueError):
-        normalized_area([(0.0, 1.0)], target=0.0)
+        trapezoid_area([(0.0, 1.0)], upto=0.0)
+
+
+def test_staircase_area_by_hand():
+    """Each sparsity gets the accuracy of the least pruned model at or beyond it: the trial's own hypervolume."""
+    ten = [(0.0, 0.95), (0.1, 0.94), (0.2, 0.92), (0.3, 0.90), (0.4, 0.86)]
+    assert staircase_area(ten, upto=0.4) == pytest.approx((0.94 + 0.92 + 0.90 + 0.86) / 4)
+    assert staircase_area(ten, upto=0.4) == pytest.approx(hypervolume(ten) / 0.4)
+    # a trial that skips 10% and 30% is paid its next model's accuracy there, less than the trapezoid credits it
+    skips = [(0.0, 0.95), (0.2, 0.92), (0.4, 0.86)]
+    assert staircase_area(skips, upto=0.4) == pytest.approx((0.92 + 0.86) / 2)
+    assert staircase_area(skips, 0.4) < staircase_area(ten, 0.4) < trapezoid_area(skips, 0.4)
+    # part of the way: 0 past the last point; past `upto` only up to it
+    assert staircase_area([(0.0, 0.9), (0.25, 0.8)], upto=0.5) == pytest.approx(0.4)
+    assert staircase_area([(0.0, 1.0), (0.3, 0.9), (0.6, 0.5)], upto=0.4) == pytest.approx((0.3 * 0.9 + 0.1 * 0.5) / 0.4)
+    with pytest.raises(ValueError):
+        staircase_area(ten, upto=-0.1)
 
 
 def test_nondominated_ranks_by_hand():

@@ -11,7 +11,6 @@ from ray.tune import ExperimentAnalysis
 from ray.tune.schedulers.pbt import _PBTTrialState
 
 from prune_core import GRANULARITIES
-from search.pareto import mean_accuracy_to
 from search.report import collect_points, tune_points
 from search.runner import run
 from search.schedulers import StrategyPbt, build_scheduler
@@ -37,15 +36,6 @@ def pbt_config(**overrides):
         "searcher": "random", "pbt": {"interval": 10, "quantile": 0.5, "resample": 1.0}, "space": SPACE, **overrides,
     }
     return parse_config(raw, "pbt.yaml")
-
-
-def test_mean_accuracy_to_interpolates_at_the_sparsity():
-    curve = [(0.0, 0.96), (0.25, 0.90), (0.5, 0.85)]
-    # 0-0.25: (0.96 + 0.90) / 2 * 0.25; 0.25-0.3: accuracy 0.89 at 0.3, (0.90 + 0.89) / 2 * 0.05
-    assert mean_accuracy_to(curve, 0.3) == pytest.approx((0.2325 + 0.04475) / 0.3)
-    assert mean_accuracy_to(curve, 0.25) == pytest.approx(0.93)
-    with pytest.raises(ValueError, match="must reach sparsity 0.6"):
-        mean_accuracy_to(curve, 0.6)
 
 
 class FakeTrial:

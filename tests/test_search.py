@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -20,7 +21,7 @@ from ray.tune import ExperimentAnalysis
 from data_prep.features import FeatureParams
 from data_prep.shards import PrepareConfig, prepare
 from prune_core import build_ast
-from search.pareto import dominates
+from search.pareto import dominates, staircase_area, trapezoid_area
 from search.runner import run
 from search.space import ConfigError, load_config
 from search.tracking import LOST_TAG, STOPPED_TAG, TRIAL_TAG
@@ -402,6 +403,8 @@ def test_the_loader_section_is_the_loaders_config(tmp_path):
 def test_searcher_and_scheduler_are_validated(tmp_path):
     with pytest.raises(ConfigError, match=r"searcher: one of \['optuna', 'random', 'grid'\]"):
         load_config(search_config(tmp_path, "s", searcher="bayes"))
+    with pytest.raises(ConfigError, match=r"objective: one of \['staircase', 'trapezoid'\], got 'area'"):
+        load_config(search_config(tmp_path, "s", objective="area"))
     with pytest.raises(ConfigError, match=r"scheduler: one of"):
         load_config(search_config(tmp_path, "s", scheduler="hyperband"))
     with pytest.raises(ConfigError, match=r"searcher: grid runs every combination"):
@@ -471,3 +474,33 @@ def test_the_step_budget_counts_each_prune_step_once():
         assert budget(trial, {"step": step}) is False
         assert budget.stop_all() == (len(budget.steps) >= 3)
     assert budget.stop_all() and not StepBudget(None).stop_all()
+
+
+@pytest.mark.parametrize("objective,area", [("staircase", staircase_area), ("trapezoid", trapezoid_area)])
+def test_a_trial_reports_the_objective_of_its_own_curve(workspace, monkeypatch, objective, area):
+    """In process, Tune's session stubbed, accuracies falling step by step (the tiny model itself sits at chance,
+    where every curve is flat and the objectives agree): `area` is the configured objective of exactly that curve."""
+    import search.trainable as trainable
+
+    accuracies = iter([0.9, 0.6, 0.5])
+    monkeypatch.setattr("prune_core.session.evaluate", lambda *args, **kwargs: {"accuracy": next(accuracies), "loss": 1.0})
+    reported = []
+
+    class Session:
+        Checkpoint = trainable.tune.Checkpoint
+        get_context = staticmethod(lambda: SimpleNamespace(get_trial_id=lambda: "t0"))
+        get_checkpoint = staticmethod(lambda: None)
+        report = staticmethod(lambda metrics, checkpoint=None: reported.append(metrics))
+
+    monkeypatch.setattr(trainable, "tune", Session)
+    monkeypatch.setattr(trainable.ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))
+    config = load_config(search_config(workspace, "objective", objective=objective, target_sparsity=0.6))
+    settings = trainable.TrialSettings(config, "single_label", dense_metric=0.95)
+    trainable.run_trial({"granularity": "entire_head", "scorer": "magnitude", "threshold": "global", "step_ratio": 0.2,
+                         "lora_rank": 2, "lora_alpha": 8, "lr": 1e-3, "epochs": 1}, settings)
+    assert [m["accuracy"] for m in reported] == [0.9, 0.6, 0.5]
+    curve = [(0.0, 0.95)]
+    for metrics in reported:
+        curve.append((metrics["attention_sparsity"], metrics["accuracy"]))
+        assert metrics["area"] == pytest.approx(area(curve, 0.6), abs=1e-12)
+    assert staircase_area(curve, 0.6) < trapezoid_area(curve, 0.6) - 0.01, "the curve tells the objectives apart"

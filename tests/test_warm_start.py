@@ -89,6 +89,20 @@ def test_only_optuna_studies_take_a_warm_start(tmp_path, overrides):
         tell_earlier_trials(WarmStart("earlier"), plan, config, "accuracy", tmp_path / "runs")
 
 
+@pytest.mark.parametrize("earlier,overrides,message", [
+    ({"objective": "trapezoid"}, {}, "ranked trials on objective: trapezoid, this one on staircase"),
+    ({}, {}, "objective: trapezoid"),  # a search from before `objective:` ranked on the trapezoid
+    ({"objective": "staircase"}, {"objective": "trapezoid"}, "objective: staircase, this one on trapezoid"),
+])
+def test_an_earlier_search_ranked_on_another_objective_is_refused(tmp_path, earlier, overrides, message):
+    config, plan, study = new_study(tmp_path, **overrides)
+    state = SearchState("c.yaml", "earlier-1", str(tmp_path / "gone"), "sqlite:///none", "1", "p", "accuracy", earlier)
+    save_state(tmp_path / "runs", "earlier", state)
+    with pytest.raises(ConfigError, match=message):
+        tell_earlier_trials(WarmStart("earlier"), plan, config, "accuracy", tmp_path / "runs")
+    assert not study.trials
+
+
 def test_the_cli_passes_the_warm_start():
     args = build_parser().parse_args(["run", "--config", "c.yaml", "--warm-start", "earlier", "--warm-start-skip-outside"])
     assert (args.warm_start, args.warm_start_skip_outside) == ("earlier", True)
