@@ -108,7 +108,8 @@ def _resume(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from search.results import report
 
-    return report(args.experiment, out=Path(args.out) if args.out else None, runs_dir=Path(args.runs))
+    out = Path(args.out) if args.out else None
+    return report(args.experiment, out=out, runs_dir=Path(args.runs), evaluate=args.evaluate)
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -253,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="print the Pareto front and write the report files")
     report.add_argument("--experiment", required=True)
     report.add_argument("--out", default=None, help="default: runs/<experiment>/report")
+    report.add_argument("--evaluate", metavar="SPLIT", default=None,
+                        help="also evaluate the front's models on this split of the search's data (e.g. test): a "
+                             "<split>_<metric> column and the front's hypervolume on it (cached per search)")
     report.set_defaults(run=_report)
 
     ui = commands.add_parser("ui", help="the MLflow UI over runs/mlflow.db")

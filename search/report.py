@@ -2,7 +2,9 @@
 
 Every (trial, step) point of the search's child runs is collected; the non-dominated set over
 (attention sparsity up, accuracy up) is written as a Parquet table, a PNG plot, a self-contained
-HTML page, and logged on the parent run with the metric `pareto_hypervolume`.
+HTML page, and logged on the parent run with the metric `pareto_hypervolume`. With the front's models
+evaluated on another split (`search.evaluate`), the table gains that column and the report the front's
+hypervolume on that split.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class Report:
     hypervolume: float
     latency_front: pd.DataFrame
     files: dict[str, Path]
+    split: str | None = None  # the split the front's models were evaluated on again: column `<split>_<metric>`
+    split_hypervolume: float | None = None  # of the same front, measured on that split
 
 
 def find_parent(client: MlflowClient, experiment_name: str) -> tuple[str, str]:
@@ -133,22 +137,42 @@ def _frame(rows: list[dict | None]) -> pd.DataFrame:
     return frame.astype({key: "Int64" for key in COUNTS if key in frame})
 
 
-def build_report(points: pd.DataFrame, metric: str, out: Path, title: str) -> Report:
-    """Front, hypervolume and the three files, written under `out`."""
+def front_of(points: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The non-dominated rows over (attention sparsity up, `metric` up), by sparsity."""
+    pairs = list(zip(points["attention_sparsity"], points[metric]))
+    return points.iloc[pareto_front(pairs)].reset_index(drop=True)
+
+
+def build_report(
+    points: pd.DataFrame, metric: str, out: Path, title: str, evaluated: pd.Series | None = None
+) -> Report:
+    """Front, hypervolume and the three files, written under `out`.
+
+    `evaluated` (from `search.evaluate.evaluate_rows`, named by its split) is the metric of the front's
+    models on another split, by (trial, step): the front keeps its rows and gains that column, and the
+    report the hypervolume of that front measured on that split."""
     out.mkdir(parents=True, exist_ok=True)
     if points.empty:
         raise ValueError("no (trial, step) points with metrics yet: nothing to report")
-    pairs = list(zip(points["attention_sparsity"], points[metric]))
-    front = points.iloc[pareto_front(pairs)].reset_index(drop=True)
-    volume = hypervolume(pairs, REFERENCE)
+    front = front_of(points, metric)
+    volume = hypervolume(list(zip(points["attention_sparsity"], points[metric])), REFERENCE)
+    split, split_volume = None, None
+    if evaluated is not None:
+        split, column = str(evaluated.name), f"{evaluated.name}_{metric}"
+        front = front.join(evaluated.rename(column), on=["trial", "step"])
+        lacking = front.loc[front[column].isna(), ["trial", "step"]]
+        if len(lacking):
+            missing = [tuple(row) for row in lacking.itertuples(index=False)]
+            raise ValueError(f"the {split} evaluation lacks these (trial, step) points of the front: {missing}")
+        split_volume = hypervolume(list(zip(front["attention_sparsity"], front[column])), REFERENCE)
     timed = points.dropna(subset=["latency_ms"])
     latency_pairs = list(zip(-timed["latency_ms"], timed[metric]))
     latency_front = timed.iloc[pareto_front(latency_pairs)].reset_index(drop=True) if len(timed) else timed
     files = {"table": out / "pareto.parquet", "plot": out / "pareto.png", "html": out / "report.html"}
     front.to_parquet(files["table"], index=False)
     _plot(points, front, metric, files["plot"], title)
-    _html(points, front, latency_front, metric, volume, files, title)
-    return Report(points, front, volume, latency_front, files)
+    _html(points, front, latency_front, metric, volume, files, title, split, split_volume)
+    return Report(points, front, volume, latency_front, files, split, split_volume)
 
 
 def _plot(points: pd.DataFrame, front: pd.DataFrame, metric: str, path: Path, title: str) -> None:
@@ -177,8 +201,10 @@ def _plot(points: pd.DataFrame, front: pd.DataFrame, metric: str, path: Path, ti
     plt.close(figure)
 
 
-def _table(frame: pd.DataFrame, metric: str) -> str:
-    columns = ["trial", "schedule", "step_ratio", "lora_rank", "step", "attention_sparsity", metric, "latency_ms", "params"]
+def _table(frame: pd.DataFrame, metric: str, split: str | None = None) -> str:
+    evaluated = [f"{split}_{metric}"] if split else []
+    columns = ["trial", "schedule", "step_ratio", "lora_rank", "step", "attention_sparsity", metric, *evaluated,
+               "latency_ms", "params"]
     columns = [c for c in columns if c in frame]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
@@ -191,36 +217,56 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _html(points, front, latency_front, metric: str, volume: float, files: dict[str, Path], title: str) -> None:
+def _html(points, front, latency_front, metric: str, volume: float, files: dict[str, Path], title: str,
+          split: str | None, split_volume: float | None) -> None:
     image = base64.b64encode(files["plot"].read_bytes()).decode()
     stopped = points.groupby("trial")["asha_stopped"].first().sum()
+    on_split = "" if split is None else (
+        f"The same front's models evaluated on the {html.escape(split)} split: hypervolume <b>{split_volume:.4f}</b> "
+        f"(same reference point; column {html.escape(split)}_{metric})."
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse;font-size:0.85em}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>{points['trial'].nunique()} trials ({stopped} stopped early by ASHA), {len(points)} (trial, step) points.
-Hypervolume of the accuracy&ndash;sparsity front: <b>{volume:.4f}</b> (reference point: attention sparsity 0, {metric} 0).</p>
+Hypervolume of the accuracy&ndash;sparsity front: <b>{volume:.4f}</b> (reference point: attention sparsity 0, {metric} 0).
+{on_split}</p>
 <img src="data:image/png;base64,{image}" alt="Pareto front">
-<h2>Pareto front: {metric} up, attention sparsity up</h2>{_table(front, metric)}
+<h2>Pareto front: {metric} up, attention sparsity up</h2>{_table(front, metric, split)}
 <h2>Latency view: {metric} up, latency down</h2>{_table(latency_front, metric)}
 </body></html>"""
     files["html"].write_text(page)
 
 
-def log_report(client: MlflowClient, parent: str, report: Report) -> None:
-    """Attach the report files and `pareto_hypervolume` to the search's parent run."""
+def log_report(client: MlflowClient, parent: str, report: Report, metric: str) -> None:
+    """Attach the report files and `pareto_hypervolume` to the search's parent run; with a split evaluation,
+    `pareto_hypervolume_<split>` there too and `<split>_<metric>` on each front point's child run at its step."""
     for path in report.files.values():
         client.log_artifact(parent, str(path), artifact_path="pareto")
     client.log_metric(parent, "pareto_hypervolume", report.hypervolume)
+    if report.split is None:
+        return
+    client.log_metric(parent, f"pareto_hypervolume_{report.split}", report.split_hypervolume)
+    column = f"{report.split}_{metric}"
+    for _, row in report.front.iterrows():
+        logged = {entry.step for entry in client.get_metric_history(row["run_id"], column)}
+        if int(row["step"]) not in logged:  # once per step, however often the report is rebuilt
+            client.log_metric(row["run_id"], column, float(row[column]), step=int(row["step"]))
 
 
 def print_front(report: Report, metric: str) -> None:
     """The front as a table on the terminal."""
-    print(f"{'trial':<16}{'step':>5}{'sparsity':>10}{metric:>10}{'latency ms':>12}  schedule")
+    column = None if report.split is None else f"{report.split}_{metric}"
+    extra = "" if column is None else f"{column:>{len(column) + 2}}"
+    print(f"{'trial':<16}{'step':>5}{'sparsity':>10}{metric:>10}{extra}{'latency ms':>12}  schedule")
     for _, row in report.front.iterrows():
         latency = "" if pd.isna(row["latency_ms"]) else f"{row['latency_ms']:.2f}"
+        value = "" if column is None else f"{row[column]:>{len(column) + 2}.4f}"
         print(
             f"{str(row['trial'])[:15]:<16}{row['step']:>5}"
-            f"{row['attention_sparsity']:>10.1%}{row[metric]:>10.4f}{latency:>12}  {row['schedule']}"
+            f"{row['attention_sparsity']:>10.1%}{row[metric]:>10.4f}{value}{latency:>12}  {row['schedule']}"
         )
     print(f"hypervolume {report.hypervolume:.4f} (reference: sparsity 0, {metric} 0)")
+    if column is not None:
+        print(f"hypervolume of this front on {report.split}: {report.split_hypervolume:.4f} (same reference, {column})")

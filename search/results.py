@@ -1,4 +1,5 @@
-"""What a search leaves behind and how it is read back: its state file, the Pareto report, the parent run's end.
+"""What a search leaves behind and how it is read back: its state file, the Pareto report (its front evaluated
+on another split on request), the parent run's end.
 
 Tune's stored results are the record of truth; MLflow is kept complete from them (`_report`), so a
 report can be rebuilt after the driver died or while MLflow was down.
@@ -11,13 +12,16 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import pandas as pd
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune import ExperimentAnalysis, ResultGrid
 
-from search.report import Report, build_report, collect_points, log_report, print_front, tune_points
-from search.tracking import MlflowTracker, fail_fast, run_key, tune_events
+from search.evaluate import evaluate_rows, step_checkpoints
+from search.report import Report, build_report, collect_points, front_of, log_report, print_front, tune_points
+from search.space import load_config
+from search.tracking import MlflowTracker, fail_fast, tune_events
 
 STATE_FILE = "search.json"
 
@@ -57,7 +61,7 @@ def finish(results: ResultGrid, experiment: str, state: SearchState, runs_dir: P
     title = f"{experiment}: {state.metric} vs attention sparsity"
     state = replace(state, finished=True)
     save_state(runs_dir, experiment, state)
-    found = _report(experiment, state, runs_dir / experiment / "report", title)
+    found = _report(experiment, state, runs_dir, runs_dir / experiment / "report", title)
     stopped = int(found.points.groupby("trial")["asha_stopped"].first().sum()) if found else 0
     print(
         f"\n{len(results)} trials: {len(results) - len(failed)} finished ({stopped} stopped early by ASHA), "
@@ -75,23 +79,66 @@ def finish(results: ResultGrid, experiment: str, state: SearchState, runs_dir: P
     return 1 if failed else 0
 
 
-def report(experiment: str, *, out: Path | None = None, runs_dir: Path = Path("runs")) -> int:
-    """Rebuild the Pareto report of a search; first send MLflow anything it is missing of Tune's results."""
+def report(
+    experiment: str, *, out: Path | None = None, runs_dir: Path = Path("runs"), evaluate: str | None = None
+) -> int:
+    """Rebuild the Pareto report of a search; first send MLflow anything it is missing of Tune's results.
+
+    With `evaluate` (a split, e.g. "test"), the front's models are evaluated on it too (`evaluate_front`)."""
     state = load_state(runs_dir, experiment)
     fail_fast()
-    found = _report(experiment, state, out or runs_dir / experiment / "report", f"{experiment}: Pareto front")
+    out = out or runs_dir / experiment / "report"
+    found = _report(experiment, state, runs_dir, out, f"{experiment}: Pareto front", evaluate)
     if found is None:
         return 1
     print(f"report: {found.files['html'].resolve()}")
     return 0
 
 
-def _report(experiment: str, state: SearchState, out: Path, title: str) -> Report | None:
+def evaluate_front(experiment: str, split: str, runs_dir: Path = Path("runs")) -> pd.DataFrame:
+    """A search's Pareto front, chosen on its eval split, with each point's model evaluated on `split`.
+
+    Columns: trial, step, attention_sparsity, the search's metric (on its eval split) and `<split>_<metric>`
+    (e.g. test_accuracy). The front comes from Tune's results (no MLflow needed); evaluations are cached in
+    runs/<experiment>/report/evaluated-<split>.json.
+    """
+    state = load_state(runs_dir, experiment)
+    analysis = _analysis(state)
+    points = tune_points(tune_events(analysis), state.metric) if analysis else pd.DataFrame()
+    if points.empty:
+        raise ValueError(f"{experiment}: no trial has reported a prune step in {state.experiment_dir}: no front yet")
+    front = front_of(points, state.metric)
+    column = f"{split}_{state.metric}"
+    evaluated = _evaluate(front, state, analysis, split, runs_dir / experiment).rename(column)
+    return front.join(evaluated, on=["trial", "step"])[["trial", "step", "attention_sparsity", state.metric, column]]
+
+
+def evaluate_steps(experiment: str, steps: pd.DataFrame, split: str, runs_dir: Path = Path("runs")) -> pd.Series:
+    """The metric on `split` of the models a search saved at `steps` (columns trial, the trial segment's run
+    name, and step), e.g. a front chosen on a part of the search; cached as `evaluate_front` caches."""
+    state = load_state(runs_dir, experiment)
+    return _evaluate(steps, state, _analysis(state), split, runs_dir / experiment)
+
+
+def _evaluate(front: pd.DataFrame, state: SearchState, analysis: ExperimentAnalysis | None, split: str,
+              folder: Path) -> pd.Series:
+    """The front's step checkpoints (in Tune's results) evaluated on `split`, cached under `folder`/report."""
+    if analysis is None:
+        raise ValueError(f"{state.experiment_dir}: no Ray Tune results there, so no checkpoints to evaluate on {split!r}")
+    cache = folder / "report" / f"evaluated-{split}.json"
+    config = load_config(state.config_path)
+    return evaluate_rows(front, step_checkpoints(ResultGrid(analysis)), split, config, state.search_id, cache)
+
+
+def _report(
+    experiment: str, state: SearchState, runs_dir: Path, out: Path, title: str, split: str | None = None
+) -> Report | None:
     """Send MLflow what it lacks of Tune's results, then report from MLflow, or from Tune while MLflow is down.
 
-    Tune's results on `storage` are the record of truth; None when no trial has reported a step yet.
+    Tune's results on `storage` are the record of truth; None when no trial has reported a step yet. With
+    `split`, the front's models are evaluated on it too.
     """
-    analysis = ExperimentAnalysis(state.experiment_dir) if tune.Tuner.can_restore(state.experiment_dir) else None
+    analysis = _analysis(state)
     events = tune_events(analysis) if analysis else []
     tracker = MlflowTracker(state.tracking_uri, state.mlflow_experiment, state.parent_run, state.search_id)
     tracker.pending.extend(events)
@@ -110,9 +157,12 @@ def _report(experiment: str, state: SearchState, out: Path, title: str) -> Repor
     if points.empty:
         print("no trial reported a prune step: no Pareto report")
         return None
-    found = build_report(points, state.metric, out, title)
+    evaluated = None
+    if split is not None:
+        evaluated = _evaluate(front_of(points, state.metric), state, analysis, split, runs_dir / experiment)
+    found = build_report(points, state.metric, out, title, evaluated)
     if client is not None:
-        log_report(client, state.parent_run, found)
+        log_report(client, state.parent_run, found, state.metric)
         if analysis is not None:
             _log_front_models(client, ResultGrid(analysis), found.front)
         if state.finished:
@@ -122,13 +172,14 @@ def _report(experiment: str, state: SearchState, out: Path, title: str) -> Repor
     return found
 
 
+def _analysis(state: SearchState) -> ExperimentAnalysis | None:
+    """Tune's stored results of the search; None before Tune has saved any."""
+    return ExperimentAnalysis(state.experiment_dir) if tune.Tuner.can_restore(state.experiment_dir) else None
+
+
 def _log_front_models(client: MlflowClient, results: ResultGrid, front) -> None:
     """Attach the pruned model of every front point (its step checkpoint) to its segment's child run, once."""
-    checkpoints = {}
-    for result in results:
-        trial = (result.metrics or {}).get("trial_id")
-        for checkpoint, metrics in result.best_checkpoints or []:
-            checkpoints[run_key(trial, int(metrics.get("segment", 0))), int(metrics["step"])] = checkpoint
+    checkpoints = step_checkpoints(results)
     for _, row in front.iterrows():
         checkpoint = checkpoints.get((row["trial"], int(row["step"])))
         folder = f"pruned-model-step-{int(row['step'])}"
