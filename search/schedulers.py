@@ -139,6 +139,7 @@ class StrategyPbt(PopulationBasedTraining):
     - trials are ranked by their `objective` up to the sparsity all of them have reached (the curve
       from the dense model), not on each one's last score, which grows with the sparsity reached;
     - a bottom trial is exploited only when it ranks strictly below the top ones (a tie is no reason to clone);
+    - a clone never writes over its trial's earlier step checkpoints;
     - explore resamples each searched key from the space with probability `pbt.resample` (Ray's list
       mutation shifts to the neighbouring entry, meaningless for strategy names), and never proposes a
       granularity that cannot prune the clone's model (after `variable_per_head`, ragged heads).
@@ -153,6 +154,7 @@ class StrategyPbt(PopulationBasedTraining):
         self.objective = OBJECTIVES[config.objective]
         self.rng = random.Random(config.seed)
         self.curves: dict[str, dict[int, tuple[float, float]]] = {}  # trial id -> step -> (sparsity, metric)
+        self.checkpoint_index: dict[str, int] = {}  # trial id -> the highest checkpoint folder index it has written
         super().__init__(
             time_attr=TIME_ATTR,
             metric=ASHA_METRIC,
@@ -171,7 +173,19 @@ class StrategyPbt(PopulationBasedTraining):
                 self._inherit(trial.trial_id, result["cloned_from"])  # a clone's first step: its true origin
             curve = self.curves.setdefault(trial.trial_id, {})
             curve[step] = (float(result["attention_sparsity"]), float(result[self.metric_name]))
+        if str(result.get("checkpoint_dir_name") or "").startswith("checkpoint_"):
+            index = int(result["checkpoint_dir_name"].rsplit("_", 1)[1])
+            self.checkpoint_index[trial.trial_id] = max(index, self.checkpoint_index.get(trial.trial_id, -1))
         return super().on_trial_result(tune_controller, trial, result)
+
+    def _exploit(self, tune_controller, trial, trial_to_clone) -> None:
+        """As Ray's, and the clone's next checkpoint goes after every one its trial wrote. Ray restarts the
+        clone with a checkpoint index that can lag behind (seen: three segments of a trial all wrote
+        checkpoint_000000), so a clone would write over its own earlier segments' step checkpoints, and the
+        report could no longer find the front's models there."""
+        super()._exploit(tune_controller, trial, trial_to_clone)
+        written = self.checkpoint_index.get(trial.trial_id, -1)
+        trial.storage.current_checkpoint_index = max(trial.storage.current_checkpoint_index, written)
 
     def _inherit(self, trial_id: str, cloned_from: str) -> None:
         """A clone's curve: its source's, up to the step it was cloned at."""

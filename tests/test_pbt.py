@@ -15,7 +15,9 @@ from search.report import collect_points, tune_points
 from search.runner import run
 from search.schedulers import StrategyPbt, build_scheduler
 from search.space import ConfigError, load_config, parse_config
-from search.tracking import CLONED_FROM_TAG, EXPLOITED_TAG, LINEAGE_TAG, SEGMENT_TAG, tune_events
+from search.tracking import CLONED_FROM_TAG, EXPLOITED_TAG, LINEAGE_TAG, SEGMENT_TAG, run_key, tune_events
+from prune_core.session import STATE_FILE
+from search.trainable import SEGMENT_FILE
 from tests.test_search import child_runs, search_config, workspace  # noqa: F401 - the module's Ray + data fixture
 
 SPACE = {
@@ -170,6 +172,13 @@ def test_pbt_search_records_every_segment_and_its_lineage(workspace, monkeypatch
         assert set(last[int(cloned_step):]) == {strategies[key]}, (key, last, strategies[key])
     for key, segment in lineages.items():
         assert all(len(lineage) == step for step, lineage in segment.items())
+    # every step of every segment keeps its own checkpoint (the report logs the front's models from them): a clone
+    # must not write over its trial's earlier checkpoints
+    saved = set()
+    for folder in Path(state["experiment_dir"]).glob("*/checkpoint_*"):
+        segment = json.loads((folder / SEGMENT_FILE).read_text())
+        saved.add((run_key(segment["trial_id"], segment["segment"]), json.loads((folder / STATE_FILE).read_text())["step"]))
+    assert saved == {(key, step) for key, segment in steps.items() for step in segment}
 
     client, parents, children = child_runs(runs, "pbt")
     by_name = {child.info.run_name: child for child in children}
