@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -16,37 +15,22 @@ from data_prep.loader import make_loader
 from prune_core import attention_sparsity, load_pruned
 from prune_core.metrics import evaluate
 from prune_core.session import STATE_FILE
-from search.baseline import BaselineConfig, train_baseline
 from search.cli import main
 from search.pareto import hypervolume
 from search.results import evaluate_front, evaluate_steps, load_state, report
 from search.space import load_config
 from search.tracking import run_key
 from search.trainable import SEGMENT_FILE
-from tests.test_search import search_config, workspace  # noqa: F401 - the module's Ray + data fixture
+from tests.test_search import search_config, trained_inputs, workspace  # noqa: F401 - the module's Ray + data fixture
 
 EXPERIMENT = "evaluated"
 
 
 @pytest.fixture(scope="module")
 def runs(workspace):  # noqa: F811 - the fixture imported above
-    """A finished search of 2 trials (grid, no scheduler), 4 prune steps each.
-
-    Its data are the workspace's with finer splits (3 rows each there): validation is the 18 train rows,
-    test the 6 others; and its baseline is trained on them, so pruning costs accuracy and the front has
-    several points."""
-    data = workspace / "data-evaluate"
-    shutil.copytree(workspace / "data", data, ignore=shutil.ignore_patterns(".arrow-cache"))
-    manifest = json.loads((data / "manifest.json").read_text())
-    splits = manifest["splits"]
-    splits["validation"], splits["test"] = dict(splits["train"]), {
-        "rows": splits["validation"]["rows"] + splits["test"]["rows"],
-        "shards": splits["validation"]["shards"] + splits["test"]["shards"],
-    }
-    (data / "manifest.json").write_text(json.dumps(manifest))
-    baseline = workspace / "baseline-evaluate"
-    train_baseline(data, baseline, BaselineConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                                                  epochs=30, batch_size=6, lr=3e-3))
+    """A finished search of 2 trials (grid, no scheduler), 4 prune steps each, on `trained_inputs`: pruning
+    costs accuracy there, so the front has several points."""
+    data, baseline = trained_inputs(workspace)
     runs = workspace / "runs"
     space = {"granularity": ["entire_head", "per_head"], "scorer": ["magnitude"], "threshold": ["global"],
              "lora_rank": 2, "lr": 3.0e-2, "step_ratio": 0.2}

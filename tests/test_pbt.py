@@ -18,7 +18,7 @@ from search.space import ConfigError, load_config, parse_config
 from search.tracking import CLONED_FROM_TAG, EXPLOITED_TAG, LINEAGE_TAG, SEGMENT_TAG, run_key, tune_events
 from prune_core.session import STATE_FILE
 from search.trainable import SEGMENT_FILE
-from tests.test_search import child_runs, search_config, workspace  # noqa: F401 - the module's Ray + data fixture
+from tests.test_search import child_runs, search_config, trained_inputs, workspace  # noqa: F401 - the module's Ray + data fixture
 
 SPACE = {
     "granularity": ["entire_head", "per_head", "variable_per_head"],
@@ -141,9 +141,11 @@ def test_pbt_search_records_every_segment_and_its_lineage(workspace, monkeypatch
     for step on every segment, its lineage and where it was cloned from."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     runs = workspace / "runs"
+    data, baseline = trained_inputs(workspace)  # at chance (the workspace's baseline) every trial ties: no clone
     path = search_config(
         workspace, "pbt", space=SPACE, scheduler="pbt", searcher="random", trials=4, max_concurrent=2,
         target_sparsity=0.5, points_to_evaluate=[], pbt={"interval": 10, "quantile": 0.5, "resample": 1.0},
+        data=str(data), baseline=str(baseline),
     )
     assert run(load_config(path), runs_dir=runs) == 0
 

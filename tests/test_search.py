@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from ray.tune import ExperimentAnalysis
 from data_prep.features import FeatureParams
 from data_prep.shards import PrepareConfig, prepare
 from prune_core import build_ast
+from search.baseline import BaselineConfig, train_baseline
 from search.pareto import dominates, staircase_area, trapezoid_area
 from search.runner import run
 from search.space import ConfigError, load_config
@@ -85,6 +87,25 @@ def search_config(base: Path, name: str, space: dict | None = None, **overrides)
     path = base / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def trained_inputs(workspace: Path) -> tuple[Path, Path]:
+    """(data, baseline) on which pruning costs accuracy: the workspace's data with finer splits (validation the
+    18 train rows, test the 6 others) and a tiny baseline trained on them. The workspace's own baseline sits
+    at chance, where every strategy ties. Made once per workspace."""
+    data, baseline = workspace / "data-trained", workspace / "baseline-trained"
+    if not (baseline / "config.json").is_file():
+        shutil.copytree(workspace / "data", data, ignore=shutil.ignore_patterns(".arrow-cache"), dirs_exist_ok=True)
+        manifest = json.loads((data / "manifest.json").read_text())
+        splits = manifest["splits"]
+        splits["validation"], splits["test"] = dict(splits["train"]), {
+            "rows": splits["validation"]["rows"] + splits["test"]["rows"],
+            "shards": splits["validation"]["shards"] + splits["test"]["shards"],
+        }
+        (data / "manifest.json").write_text(json.dumps(manifest))
+        train_baseline(data, baseline, BaselineConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                                                      epochs=30, batch_size=6, lr=3e-3))
+    return data, baseline
 
 
 def child_runs(runs: Path, experiment: str):
