@@ -8,7 +8,8 @@ import pytest
 from benchmarks import readme
 from benchmarks.common import print_from_json
 from benchmarks.paper_proxy import compare, layer_summary
-from benchmarks.search_efficiency import hypervolume_curve, summarize
+from benchmarks.search_efficiency import METHODS, TASKS, grid_budget, hypervolume_curve, parse_args, search_config, summarize
+from search.space import load_config
 
 
 def test_hypervolume_curve_grows_with_the_steps_in_order():
@@ -17,23 +18,45 @@ def test_hypervolume_curve_grows_with_the_steps_in_order():
     assert curve == pytest.approx([0.01, 0.01 + 0.1 * 0.05, 0.015, 0.03])
 
 
-def test_summary_counts_steps_to_reach_95_percent_of_the_best():
-    runs = [
-        {"method": "fast", "seed": 0, "dense": 0.9, "seconds": 10, "points": [(0.3, 0.9), (0.5, 0.9)]},
-        {"method": "slow", "seed": 0, "dense": 0.9, "seconds": 20, "points": [(0.1, 0.9), (0.2, 0.9), (0.3, 0.9), (0.5, 0.9)]},
-    ]
-    summary = summarize(runs, budget=3)
-    # reference (0, 0.8); best final = 0.5 * 0.1 (fast); slow stops at 3 steps: 0.3 * 0.1 < 95%
-    assert summary["best_final_hypervolume"] == pytest.approx(0.05)
-    fast, slow = summary["methods"]["fast"], summary["methods"]["slow"]
-    assert fast["median_steps_to_reach"] == {"90%": 2, "95%": 2} and fast["reached"] == {"90%": "1/1", "95%": "1/1"}
-    assert slow["median_steps_to_reach"] == {"90%": None, "95%": None} and slow["reached"]["95%"] == "0/1"
-    # a second 'fast' seed reaches 90% at once (0.047) but never 95% (0.0475): a median needs most runs to reach
-    runs.append({"method": "fast", "seed": 1, "dense": 0.9, "seconds": 10, "points": [(0.47, 0.9), (0.1, 0.9)]})
-    summary = summarize(runs, budget=3)
-    assert summary["methods"]["fast"]["reached"] == {"90%": "2/2", "95%": "1/2"}
-    assert summary["methods"]["fast"]["median_steps_to_reach"] == {"90%": 1.5, "95%": None}
-    assert summary["methods"]["slow"]["median_steps_run"] == 3
+def step(sparsity, validation, test=None, lineage=("per_head/fisher/global",)):
+    found = {"sparsity": sparsity, "validation": validation, "lineage": list(lineage) * round(sparsity * 10)}
+    return found if test is None else {**found, "test": test}
+
+
+def test_protocol_summary_duels_each_method_with_the_same_seeds_grid():
+    dense = {"validation": 0.9, "test": 0.88}
+    grid = {"task": "ast", "method": "grid", "seed": 0, "seconds": 60, "budget": 4, "dense": dense,
+            "steps": [step(0.4, 0.85, 0.80), step(0.8, 0.75, 0.70), step(0.4, 0.80), step(0.8, 0.72)]}
+    pbt = {"task": "ast", "method": "pbt", "seed": 0, "seconds": 30, "budget": 4, "dense": dense,
+           "steps": [step(0.4, 0.86, 0.84), step(0.8, 0.70), step(0.8, 0.80, 0.79, lineage=("a",))]}
+    summary = summarize([grid, pbt])
+    figures = {f["method"]: f for f in summary["runs"]}
+    # validation reference 0.7: grid 0.8 * 0.05 + 0.4 * 0.10; pbt 0.4 * 0.16, then (0.8, 0.70) adds nothing, then
+    # (0.8, 0.80) makes it 0.8 * 0.1 + 0.4 * 0.06
+    assert figures["grid"]["validation_hypervolume"] == pytest.approx(0.08)
+    assert figures["pbt"]["curve"] == pytest.approx([0.064, 0.064, 0.104])
+    # test reference 0.68, the validation front's test values only: grid 0.8 * 0.02 + 0.4 * 0.10; pbt 0.8 * 0.11 + 0.4 * 0.05
+    assert figures["grid"]["test_hypervolume"] == pytest.approx(0.8 * 0.02 + 0.4 * 0.10)
+    assert figures["pbt"]["test_hypervolume"] == pytest.approx(0.8 * 0.11 + 0.4 * 0.05)
+    assert figures["pbt"]["steps_to_grid"] == 3 and figures["grid"]["steps_to_grid"] == 2
+    assert figures["pbt"]["best_at_target"] == {"schedule": "a x8", "validation": 0.80, "sparsity": 0.8}
+    assert figures["grid"]["sparsest_near_dense"] == 0.0 and figures["pbt"]["steps_run"] == 3
+    assert summary["methods"]["ast/pbt"]["test_wins_over_grid"] == "1/1"
+    assert summary["methods"]["ast/pbt"]["median_steps_to_grid"] == 3
+
+
+def test_protocol_runs_are_valid_searches_at_the_grids_budget(tmp_path):
+    """Every (task, method) of the protocol is a search the product accepts, with the grid's step budget."""
+    assert (grid_budget(TASKS["ast"].target), grid_budget(TASKS["vit"].target)) == (96, 108)
+    args = parse_args([])
+    for name, task in TASKS.items():
+        for method in METHODS:
+            config = load_config(search_config(name, task, method, 3, args, tmp_path, grid_budget(task.target)))
+            assert (config.step_budget, config.seed, config.target_sparsity) == (grid_budget(task.target), 3, task.target)
+            assert config.objective == "staircase" and config.train_batches_per_step == args.train_batches
+            assert (config.searcher, config.scheduler) == (METHODS[method]["searcher"], METHODS[method]["scheduler"])
+    grid = load_config(search_config("ast", TASKS["ast"], "grid", 0, args, tmp_path, 96))
+    assert [len(p.choices) for p in grid.space] == [3, 2, 2, 1, 1, 1, 1, 1], "12 strategies, one recipe"
 
 
 def row(granularity, scorer, threshold, test, seed=0):
