@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     if runs and results.get("settings") != settings:
         raise SystemExit(f"error: {args.out} holds runs made with {results.get('settings')}; these are {settings}. "
                          "Give the same settings to add runs, or another --out to start afresh.")
+    failed = []
     for seed in args.seeds:  # seed by seed, so that a protocol run in parts has whole seeds
         for name in args.tasks:
             task = TASKS[name]
@@ -390,17 +391,23 @@ def main(argv: list[str] | None = None) -> int:
                 if any((r["task"], r["method"], r["seed"]) == (name, method, seed) for r in runs):
                     continue
                 print(f"\n=== {name}, {method}, seed {seed} ===", flush=True)
-                runs.append(run_one(name, task, method, seed, args, grid_budget(task.target)))
+                try:
+                    runs.append(run_one(name, task, method, seed, args, grid_budget(task.target)))
+                except Exception as error:  # noqa: BLE001 - one broken run must not stop an unattended protocol
+                    failed.append(f"{name}/{method}/seed {seed}: {error!r}")
+                    print(f"error: {failed[-1]} (not recorded; the next invocation runs it again)", file=sys.stderr)
+                    continue
                 results = {"environment": environment(packages=("torch", "transformers", "ray", "optuna")),
                            "settings": settings, "runs": runs}
                 results["summary"] = summarize(runs)
                 write_results(results, args.out)
                 plot(results, args.out.with_suffix(".png"))
-    if not runs:
-        return 0
-    print("\n" + markdown(results))
-    print(f"\nresults: {args.out}\nplot:    {args.out.with_suffix('.png')}")
-    return 0
+    if runs:
+        print("\n" + markdown(results))
+        print(f"\nresults: {args.out}\nplot:    {args.out.with_suffix('.png')}")
+    for line in failed:
+        print(f"FAILED {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

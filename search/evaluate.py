@@ -11,24 +11,46 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs
 import torch
 from ray.tune import Checkpoint, ResultGrid
 
 from data_prep.loader import make_loader, read_manifest
 from prune_core import load_pruned
 from prune_core.metrics import METRIC_NAME, evaluate
+from prune_core.session import STATE_FILE
 from search.space import SearchConfig
 from search.tracking import run_key
+from search.trainable import SEGMENT_FILE
 
 
 def step_checkpoints(results: ResultGrid) -> dict[tuple[str, int], Checkpoint]:
-    """Every kept step checkpoint of a search, by (trial segment's run key, step): the report's (trial, step)."""
+    """Every step checkpoint of a search on its storage, by (trial segment's run key, step): the report's (trial, step).
+
+    Read from the checkpoint folders themselves (the segment and step files the trainable writes beside the
+    model), not from Tune's record of them: a search ended by its step budget stops its trials before Tune
+    saves the last checkpoints they reported (seen: a front point's step 3 on disk, not in Tune's state).
+    """
     checkpoints = {}
     for result in results:
-        trial = (result.metrics or {}).get("trial_id")
-        for checkpoint, metrics in result.best_checkpoints or []:
-            checkpoints[run_key(trial, int(metrics.get("segment", 0))), int(metrics["step"])] = checkpoint
+        if not result.path:
+            continue
+        fs = result.filesystem
+        for entry in fs.get_file_info(pyarrow.fs.FileSelector(result.path)):
+            if entry.type != pyarrow.fs.FileType.Directory or not entry.base_name.startswith("checkpoint_"):
+                continue
+            try:
+                segment = json.loads(_read(fs, f"{entry.path}/{SEGMENT_FILE}"))
+                step = int(json.loads(_read(fs, f"{entry.path}/{STATE_FILE}"))["step"])
+            except FileNotFoundError:  # a checkpoint being written, or not a step checkpoint
+                continue
+            checkpoints[run_key(segment["trial_id"], int(segment["segment"])), step] = Checkpoint(entry.path, fs)
     return checkpoints
+
+
+def _read(fs: pyarrow.fs.FileSystem, path: str) -> str:
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
 
 
 def evaluate_rows(

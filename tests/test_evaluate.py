@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
+import pyarrow.fs
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -158,3 +160,25 @@ def test_a_split_the_data_lacks_is_a_clear_error(runs, loaded, capsys):
     assert main(["report", "--experiment", EXPERIMENT, "--runs", str(runs), "--evaluate", "holdout"]) == 2
     assert "no split 'holdout'" in capsys.readouterr().err
     assert not loaded
+
+
+def test_step_checkpoints_are_read_from_the_folders_not_tunes_record(tmp_path):
+    """A search its step budget ended stops trials before Tune records their last checkpoints: the folders are the
+    record. A clone's folder names its own segment; a folder without the trainable's files is not a step."""
+    def write(trial: str, index: int, writer: str, segment: int, step: int) -> None:
+        folder = tmp_path / trial / f"checkpoint_{index:06d}"
+        folder.mkdir(parents=True)
+        (folder / SEGMENT_FILE).write_text(json.dumps({"trial_id": writer, "segment": segment, "cloned_from": ""}))
+        (folder / STATE_FILE).write_text(json.dumps({"step": step}))
+
+    write("run_trial_a", 0, "a", 0, 1)
+    write("run_trial_a", 1, "a", 2, 4)  # a's second clone, its step 4
+    write("run_trial_b", 0, "b", 0, 1)
+    (tmp_path / "run_trial_b" / "checkpoint_000001").mkdir()  # being written
+    results = [SimpleNamespace(path=str(tmp_path / name), filesystem=pyarrow.fs.LocalFileSystem(), best_checkpoints=[])
+               for name in ("run_trial_a", "run_trial_b")]
+    found = search.evaluate.step_checkpoints(results)
+    assert {key: Path(checkpoint.path).relative_to(tmp_path).as_posix() for key, checkpoint in found.items()} == {
+        ("a", 1): "run_trial_a/checkpoint_000000", ("a.2", 4): "run_trial_a/checkpoint_000001",
+        ("b", 1): "run_trial_b/checkpoint_000000",
+    }
