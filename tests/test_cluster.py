@@ -126,8 +126,11 @@ def tune_steps(storage: Path) -> dict[str, list[int]]:
     Tune logs a trial twice, to result.json and progress.csv. After a trial restarts on another node,
     result.json can lose the rows written before the failure (seen: step 1 gone, progress.csv whole),
     so the record is the union of the two logs; and a step whose checkpoint Tune did not hold yet when
-    the node died is done again there (both logs hold it twice, MLflow once). Under population-based training a trial's log holds
-    its segments one after the other (each clone restarts the step count from the step it was cloned at).
+    the node died is done again there (both logs hold it twice, MLflow once). Tune can also lose a row from
+    both logs when it restores a trial's log folder on the new node (seen once: steps 1 then 3, the trial having
+    gone on from step 2's checkpoint): a step may be missing only where the node changes. Under population-based
+    training a trial's log holds its segments one after the other (each clone restarts the step count from the
+    step it was cloned at).
     """
     record: dict[str, set[int]] = {}
     for results in storage.glob("*/*/result.json"):
@@ -142,9 +145,9 @@ def tune_steps(storage: Path) -> dict[str, list[int]]:
                 by_segment.setdefault(key, []).append((int(row["step"]), row["node_id"]))
             for key, rows in by_segment.items():
                 for (before, node_before), (step, node) in zip(rows, rows[1:]):
-                    # in order, one step at a time; a step is done again only on another node, after the
-                    # trial's node died before Tune held that step's checkpoint (seen once under PBT)
-                    assert step == before + 1 or (step <= before and node != node_before), f"{key}: Tune's log {rows}"
+                    # in order, one step at a time; only where the trial moved to another node may a step be
+                    # done again (its checkpoint was not held yet) or missing from Tune's log (lost on restore)
+                    assert step == before + 1 or (step != before and node != node_before), f"{key}: Tune's log {rows}"
                 record.setdefault(key, set()).update(step for step, _ in rows)
     return {key: sorted(steps) for key, steps in record.items()}
 
@@ -169,16 +172,19 @@ LAST_STEP = 5
 
 
 def assert_complete(children: dict, record: dict[str, list[int]]) -> None:
-    """One child run per Tune trial segment; every step Tune recorded is in MLflow once, for every metric.
+    """One child run per Tune trial segment; every step of it is in MLflow once, for every metric.
 
-    A first segment starts at step 1; a clone's at the step after the one it was cloned at."""
+    A first segment starts at step 1; a clone's at the step after the one it was cloned at. MLflow must hold
+    every step from there to the last Tune recorded; Tune's own log may miss a step where a trial changed
+    node (see `tune_steps`), MLflow, fed by the driver's callback, may not."""
     assert set(children) == set(record), "one MLflow child run per Tune trial segment"
     for key, reported in record.items():
         tags = children[key]["run"].data.tags
         first = int(tags[CLONED_FROM_TAG].rsplit("/", 1)[1]) + 1 if CLONED_FROM_TAG in tags else 1
-        assert reported == list(range(first, reported[-1] + 1)) and reported[-1] <= LAST_STEP, (key, reported)
+        expected = list(range(first, reported[-1] + 1))
+        assert set(reported) <= set(expected) and reported[-1] <= LAST_STEP, (key, reported)
         for metric, steps in children[key]["steps"].items():
-            assert steps == reported, f"{key}: MLflow {metric} steps {steps} != Tune's {reported}"
+            assert steps == expected, f"{key}: MLflow {metric} steps {steps}, expected {expected} (Tune's {reported})"
 
 
 def test_search_on_two_nodes_tracked_by_an_mlflow_server(cluster, workspace, tmp_path):
@@ -245,8 +251,9 @@ def test_a_worker_node_killed_mid_trial(cluster, workspace, tmp_path):
             assert len(lineages[key]) == record[key][-1], (key, lineages[key])
             if CLONED_FROM_TAG in child["run"].data.tags:
                 source, step = child["run"].data.tags[CLONED_FROM_TAG].rsplit("/", 1)
-                sources = [other for other in record if other.split(".")[0] == source and int(step) in record[other]]
-                assert sources, f"{key} was cloned from a step Tune never recorded"
+                sources = [other for other, run in children.items()
+                           if other.split(".")[0] == source and int(step) in run["steps"]["accuracy"]]
+                assert sources, f"{key} was cloned from a step never recorded"
                 assert lineages[key][: int(step)] == lineages[sources[0]][: int(step)], key
 
 
