@@ -11,6 +11,7 @@ Methods, same budget and seeds:
   pbt                  population-based training over strategy schedules, configs/demo_pbt.yaml's settings with
                        a population of 6
   pbt_full             the same with a population of 12 (added after seeds 0-1: PBT spent half the budget)
+  pbt_fine             `pbt` on 5% steps (added after the 44 runs above, before any run of its own)
 All but the grid search the same space and rank trials on the product's default objective (the staircase area).
 
 Per run: the hypervolume of the validation front after every prune step (in the order steps finished),
@@ -68,6 +69,12 @@ METHODS = {
     # same with a population of 12, which spends the whole budget
     "pbt_full": {"searcher": "random", "scheduler": "pbt", "trials": 12, "points_to_evaluate": "paper",
                  "pbt": {"interval": 10, "quantile": 0.25, "resample": 0.5}},
+    # added after all 44 runs above, before any run of its own: `pbt` on 5% steps. The front's hypervolume
+    # counts a level only where a model sits, and the grid's 10% steps leave 8 (AST) or 9 (ViT); 6 lineages
+    # of 5% steps fill 16-17 levels, with twice the LoRA recovery on the way, in the same prune-step budget
+    # (6 x 16 = 96 for the AST, 6 x 17 = 102 of the ViT's 108)
+    "pbt_fine": {"searcher": "random", "scheduler": "pbt", "trials": 6, "points_to_evaluate": "paper",
+                 "pbt": {"interval": 10, "quantile": 0.25, "resample": 0.5}, "space": {**SPACE, "step_ratio": [0.05]}},
 }
 SEEDS = (0, 1, 2, 3, 4)
 # Hypervolume reference: sparsity 0 and the dense metric minus this. Set before any run of this protocol:
