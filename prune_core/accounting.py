@@ -54,7 +54,8 @@ def macs_per_sample(model: nn.Module, inputs: Mapping[str, torch.Tensor] | None 
     """Multiply-accumulates of one forward pass on one sample: Linear and Conv layers plus attention matmuls.
 
     Attention matmuls count the kept channels of every head; the zero padding with which heads of
-    different dims run in one kernel call is an implementation cost, not counted.
+    different dims run in one kernel call is an implementation cost, not counted. A headless layer
+    counts nothing: it runs no projection and no matmul, and adding O's bias is no multiply.
 
     `inputs` is one sample as the model takes it; by default a zero sample of the configured size.
     """

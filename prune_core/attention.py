@@ -3,6 +3,7 @@
 A pruned layer keeps its projections under the model's own names (`q_proj`... for AST) and the
 softmax scale of the dense model, so a removed channel behaves exactly like a zeroed one. Heads of a
 layer share one Q/K dim and one V dim, except after `variable_per_head`, where each head keeps its own.
+A layer may lose all its heads (`prune(..., min_heads=0)`): it then adds only O's bias to the residual.
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 @dataclass(frozen=True)
 class LayerShape:
-    """What one attention layer looks like: each head's Q/K dim and V dim, and the model width."""
+    """What one attention layer looks like: each head's Q/K dim and V dim, and the model width.
+
+    A layer without heads (empty dims) is headless: of its attention, only O's bias is left.
+    """
 
     qk_dims: tuple[int, ...]
     v_dims: tuple[int, ...]
     hidden_size: int
 
     def __post_init__(self) -> None:
-        if not self.qk_dims or len(self.qk_dims) != len(self.v_dims):
+        if len(self.qk_dims) != len(self.v_dims):
             raise ValueError(f"a layer needs one Q/K dim and one V dim per head, got {self.qk_dims} and {self.v_dims}")
-        if min(self.qk_dims) < 1 or min(self.v_dims) < 1:
+        if min(self.qk_dims, default=1) < 1 or min(self.v_dims, default=1) < 1:
             raise ValueError(f"every head needs >= 1 Q/K and >= 1 V channel, got {self.qk_dims} and {self.v_dims}")
 
     @classmethod
@@ -44,8 +48,8 @@ class LayerShape:
         return shape
 
     def to_dict(self) -> dict:
-        """Uniform layers as `num_heads`, `qk_head_dim`, `v_head_dim`; others with per-head lists."""
-        if self.is_uniform:
+        """Uniform layers as `num_heads`, `qk_head_dim`, `v_head_dim`; others (headless too) with per-head lists."""
+        if self.is_uniform and self.num_heads:
             head_dims = {"qk_head_dim": self.qk_head_dim, "v_head_dim": self.v_head_dim}
         else:
             head_dims = {"qk_dims": list(self.qk_dims), "v_dims": list(self.v_dims)}
@@ -57,7 +61,8 @@ class LayerShape:
 
     @property
     def is_uniform(self) -> bool:
-        return len(set(self.qk_dims)) == 1 and len(set(self.v_dims)) == 1
+        """Whether every head has the same dims (a headless layer has no heads that differ)."""
+        return len(set(self.qk_dims)) <= 1 and len(set(self.v_dims)) <= 1
 
     @property
     def qk_head_dim(self) -> int:
@@ -94,6 +99,8 @@ class LayerShape:
 
 
 def _shared(dims: tuple[int, ...], name: str) -> int:
+    if not dims:
+        raise ValueError(f"this layer has no heads, so no {name} head dim")
     if len(set(dims)) != 1:
         raise ValueError(f"the heads of this layer have different {name} dims {dims}; read the per-head dims")
     return dims[0]
@@ -224,7 +231,7 @@ class PrunedAttention(nn.Module):
         self.qk_dims, self.v_dims = tuple(qk_dims), tuple(v_dims)
         device = self.projection("q").weight.device
         for name, dims in (("qk_index", self.qk_dims), ("v_index", self.v_dims)):
-            index = None if min(dims) == max(dims) else padded_index(dims).to(device)
+            index = None if len(set(dims)) <= 1 else padded_index(dims).to(device)
             self.register_buffer(name, index, persistent=False)
 
     @property
@@ -238,6 +245,8 @@ class PrunedAttention(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.qk_dims:
+            return self.headless_output(hidden_states), None
         query = pad_heads(self.projection("q")(hidden_states), self.qk_dims, index=self.qk_index).transpose(1, 2)
         key = pad_heads(self.projection("k")(hidden_states), self.qk_dims, index=self.qk_index).transpose(1, 2)
         value = pad_heads(self.projection("v")(hidden_states), self.v_dims, index=self.v_index).transpose(1, 2)
@@ -256,3 +265,15 @@ class PrunedAttention(nn.Module):
         if len(self.names) == 4:
             output = self.projection("o")(output)
         return output, weights
+
+    def headless_output(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """What a layer without heads computes, with no matmul: O's bias at every token (what the dense layer
+        gives with all its heads zeroed). Where O lives in a sibling (BERT), an empty context, which O's
+        Linear (no input features) turns into its bias."""
+        tokens = hidden_states.shape[:-1]
+        if len(self.names) == 3:
+            return hidden_states.new_zeros(*tokens, 0)
+        o_proj = self.projection("o")
+        if o_proj.bias is None:
+            return hidden_states.new_zeros(*tokens, o_proj.out_features)
+        return o_proj.bias.expand(*tokens, -1)

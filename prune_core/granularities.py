@@ -4,8 +4,10 @@
 (decoupled): `per_head` removes one channel from every head of a layer per unit, each head choosing
 its own; `same_channel` removes the same channel index from every head; `variable_per_head` removes
 single channels, so the heads of a layer may keep different numbers. `hybrid` ranks whole heads and
-`per_head` channel units of a layer together. A layer always keeps one head, and every head one QK
-and one VO channel.
+`per_head` channel units of a layer together. Every head keeps one QK and one VO channel, and a layer
+keeps `min_heads` heads: 1 by default; with 0, `entire_head` and `hybrid` may remove a layer's last head
+too, leaving the layer headless (depth pruning of attention blocks). The channel granularities never
+remove heads, so `min_heads` changes nothing for them. Headless layers have no units and are not passed here.
 """
 
 from __future__ import annotations
@@ -57,18 +59,32 @@ class LayerPlan:
         return tuple(len(row) for row in self.keep_qk), tuple(len(row) for row in self.keep_vo)
 
 
+MIN_HEADS = (0, 1)  # heads a layer keeps: 0 lets `entire_head` and `hybrid` remove whole attention blocks
+
+
+def check_min_heads(min_heads: object) -> None:
+    """Raise unless `min_heads` is 0 or 1 (an int, not a bool or a float)."""
+    if not isinstance(min_heads, int) or isinstance(min_heads, bool) or min_heads not in MIN_HEADS:
+        raise ValueError(
+            f"min_heads must be 0 (a layer may lose all its heads) or 1 (every layer keeps one), got {min_heads!r}"
+        )
+
+
 class Granularity(Protocol):
     """One kind of removal unit: the families it ranks, its units in a layer, and what a count of them keeps.
 
-    `ragged_heads` says whether it can prune a layer whose heads have different dims.
+    `ragged_heads` says whether it can prune a layer whose heads have different dims. `min_heads` is how
+    many heads the layer keeps at least (0 or 1); `plan` must get the value `candidates` got.
     """
 
     families: tuple[str, ...]
     ragged_heads: bool
 
-    def candidates(self, layer: int, scores: LayerScores, shape: LayerShape) -> list[Candidates]: ...
+    def candidates(
+        self, layer: int, scores: LayerScores, shape: LayerShape, min_heads: int = 1
+    ) -> list[Candidates]: ...
 
-    def plan(self, scores: LayerScores, shape: LayerShape, counts: dict[str, int]) -> LayerPlan: ...
+    def plan(self, scores: LayerScores, shape: LayerShape, counts: dict[str, int], min_heads: int = 1) -> LayerPlan: ...
 
 
 def _as_rows(rows: list[torch.Tensor]) -> Rows:
@@ -95,12 +111,12 @@ class EntireHead:
     families = ("head",)
     ragged_heads = True
 
-    def candidates(self, layer: int, scores: LayerScores, shape: LayerShape) -> list[Candidates]:
-        order = torch.argsort(scores.head, stable=True)[: shape.num_heads - 1]
+    def candidates(self, layer: int, scores: LayerScores, shape: LayerShape, min_heads: int = 1) -> list[Candidates]:
+        order = torch.argsort(scores.head, stable=True)[: shape.num_heads - min_heads]
         sizes = tuple(shape.head_params[head] for head in order.tolist())
         return [Candidates(layer, "head", scores.head[order], sizes, sum(shape.head_params))]
 
-    def plan(self, scores: LayerScores, shape: LayerShape, counts: dict[str, int]) -> LayerPlan:
+    def plan(self, scores: LayerScores, shape: LayerShape, counts: dict[str, int], min_heads: int = 1) -> LayerPlan:
         heads = _drop_lowest(scores.head, counts["head"])
         return LayerPlan(heads, _all_channels(heads, shape.qk_dims), _all_channels(heads, shape.v_dims))
 
@@ -120,12 +136,12 @@ class PerHead:
     families = ("qk", "vo")
     ragged_heads = False
 
-    def candidates(self, layer: int, scores: LayerScores, shape: LayerShape) -> list[Candidates]:
+    def candidates(self, layer: int, scores: LayerScores, shape: LayerShape, min_heads: int = 1) -> list[Candidates]:
         # the n-th unit removes every head's n-th cheapest channel
         costs = {family: torch.sort(getattr(scores, family), dim=-1).values.sum(0) for family in self.families}
         return _channel_candidates(layer, costs, shape)
 
-    def plan(self, scores: LayerScores, shape: LayerShape, counts: dict[str, int]) -> LayerPlan:
+    def plan(self, scores: LayerScores, shape: LayerShape, counts: dict[str, int], min_heads: int = 1) -> LayerPlan:
         return LayerPlan(
             torch.arange(shape.num_heads),
             _drop_lowest(scores.qk, counts["qk"]),
@@ -137,11 +153,11 @@ class SameChannel:
     families = ("qk", "vo")
     ragged_heads = False
 
-    def candidates(self, layer: int, scores: LayerScores, shape: LayerShape) -> list[Candidates]:
+    def candidates(self, layer: int, scores: LayerScores, shape: LayerShape, min_heads: int = 1) -> list[Candidates]:
         costs = {family: torch.sort(getattr(scores, family).sum(0)).values for family in self.families}
         return _channel_candidates(layer, costs, shape)
 
-    def plan(self, scores: LayerScores, shape: LayerShape, counts: dict[str, int]) -> LayerPlan:
+    def plan(self, scores: LayerScores, shape: LayerShape, counts: dict[str, int], min_heads: int = 1) -> LayerPlan:
         heads = torch.arange(shape.num_heads)
         keep_qk = _drop_lowest(scores.qk.sum(0), counts["qk"])
         keep_vo = _drop_lowest(scores.vo.sum(0), counts["vo"])
@@ -171,7 +187,7 @@ class VariablePerHead:
     families = ("qk", "vo")
     ragged_heads = True
 
-    def candidates(self, layer: int, scores: LayerScores, shape: LayerShape) -> list[Candidates]:
+    def candidates(self, layer: int, scores: LayerScores, shape: LayerShape, min_heads: int = 1) -> list[Candidates]:
         candidates = []
         for family, (dims, channel_params) in _family_dims(shape).items():
             family_scores = getattr(scores, family)
@@ -181,7 +197,7 @@ class VariablePerHead:
             candidates.append(Candidates(layer, family, costs, sizes, sum(dims) * channel_params))
         return candidates
 
-    def plan(self, scores: LayerScores, shape: LayerShape, counts: dict[str, int]) -> LayerPlan:
+    def plan(self, scores: LayerScores, shape: LayerShape, counts: dict[str, int], min_heads: int = 1) -> LayerPlan:
         keep = {}
         for family, (dims, _) in _family_dims(shape).items():
             family_scores = getattr(scores, family)
@@ -201,9 +217,10 @@ class HybridMove:
     size: int  # parameters removed, at that state
 
 
-def hybrid_moves(scores: LayerScores, shape: LayerShape) -> list[HybridMove]:
+def hybrid_moves(scores: LayerScores, shape: LayerShape, min_heads: int = 1) -> list[HybridMove]:
     """The order in which `hybrid` gives up a layer: each time, the cheapest per parameter removed of the
-    next QK channel unit, the next VO channel unit and the cheapest remaining head.
+    next QK channel unit, the next VO channel unit and the cheapest remaining head (while more than
+    `min_heads` remain; with 0 the last head goes too, and nothing is left to take after it).
 
     A head costs the sum of its remaining channels' scores, so heads and channels are on one scale
     (for `fisher` and `taylor` this is the scorer's own head score; `magnitude`'s head norm would sit at
@@ -221,13 +238,13 @@ def hybrid_moves(scores: LayerScores, shape: LayerShape) -> list[HybridMove]:
     moves: list[HybridMove] = []
     while True:
         options = []
-        if len(alive) > 1:
+        if len(alive) > min_heads:
             remaining = head_costs[alive] - prefix["qk"][alive, taken["qk"]] - prefix["vo"][alive, taken["vo"]]
             best = int(torch.argmin(remaining))
             size = sum((head_dim[family] - taken[family]) * channel_params[family] for family in families)
             options.append(HybridMove("head", alive[best], float(remaining[best]), size))
         for family in families:
-            if taken[family] < head_dim[family] - 1:
+            if alive and taken[family] < head_dim[family] - 1:
                 cost = float(ordered[family][alive, taken[family]].sum())
                 options.append(HybridMove(family, None, cost, len(alive) * channel_params[family]))
         if not options:
@@ -251,16 +268,16 @@ class Hybrid:
     families = ("mixed",)
     ragged_heads = False
 
-    def candidates(self, layer: int, scores: LayerScores, shape: LayerShape) -> list[Candidates]:
-        moves = hybrid_moves(scores, shape)
+    def candidates(self, layer: int, scores: LayerScores, shape: LayerShape, min_heads: int = 1) -> list[Candidates]:
+        moves = hybrid_moves(scores, shape, min_heads)
         per_param = torch.tensor([move.cost / move.size for move in moves], dtype=torch.float64)
         ranks = torch.cummax(per_param, dim=0).values
         return [Candidates(layer, "mixed", ranks, tuple(move.size for move in moves), sum(shape.head_params))]
 
-    def plan(self, scores: LayerScores, shape: LayerShape, counts: dict[str, int]) -> LayerPlan:
-        moves = hybrid_moves(scores, shape)[: counts["mixed"]]
+    def plan(self, scores: LayerScores, shape: LayerShape, counts: dict[str, int], min_heads: int = 1) -> LayerPlan:
+        moves = hybrid_moves(scores, shape, min_heads)[: counts["mixed"]]
         removed = {move.head for move in moves if move.kind == "head"}
-        heads = torch.tensor([head for head in range(shape.num_heads) if head not in removed])
+        heads = torch.tensor([head for head in range(shape.num_heads) if head not in removed], dtype=torch.long)
         taken = {family: sum(move.kind == family for move in moves) for family in ("qk", "vo")}
         keep_qk, keep_vo = (_drop_lowest(getattr(scores, f)[heads], taken[f]) for f in ("qk", "vo"))
         return LayerPlan(heads, keep_qk, keep_vo)

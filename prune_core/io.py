@@ -1,7 +1,9 @@
 """Save and load pruned models: safetensors weights, config.json and a JSON of per-layer shapes.
 
 A layer whose heads differ in dims (after `variable_per_head`) lists them per head; the others keep
-the uniform form (`num_heads`, `qk_head_dim`, `v_head_dim`), so files from before read the same.
+the uniform form (`num_heads`, `qk_head_dim`, `v_head_dim`), so files from before read the same. A
+headless layer (`min_heads=0`) is `num_heads: 0` with empty per-head lists; its zero-size Q/K/V and O
+weights are in the safetensors file like any other, and O's bias with them.
 
 Nothing is unpickled on load: the model class is looked up by name in `transformers`, built from its
 config, resized to the saved shapes, then filled from safetensors.

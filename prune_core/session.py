@@ -20,7 +20,7 @@ from prune_core.accounting import attention_params, attention_sparsity, macs_per
 from prune_core.adapters import attention_sites
 from prune_core.batches import Batch, LossFn
 from prune_core.finetune import LoraSettings, lora_finetune
-from prune_core.granularities import GRANULARITIES
+from prune_core.granularities import GRANULARITIES, check_min_heads
 from prune_core.io import load_pruned, save_pruned
 from prune_core.metrics import METRIC_NAME, TASKS, evaluate
 from prune_core.pruning import prune
@@ -76,20 +76,28 @@ def schedule_summary(history: list[dict]) -> str:
 
 @dataclass(frozen=True)
 class Strategy:
-    """What to prune and how: one point of the search space."""
+    """What to prune and how: one point of the search space.
+
+    `min_heads` is `prune`'s: 1 keeps a head in every layer, 0 lets `entire_head` and `hybrid` remove
+    whole attention blocks (no effect on the channel granularities).
+    """
 
     granularity: str = "per_head"
     scorer: str = "fisher"
     threshold: str = "global"
+    min_heads: int = 1
 
     def __post_init__(self) -> None:
         check("granularity", self.granularity, GRANULARITIES)
         check("scorer", self.scorer, SCORERS)
         check("threshold", self.threshold, THRESHOLDS)
+        check_min_heads(self.min_heads)
 
     @property
     def name(self) -> str:
-        return f"{self.granularity}/{self.scorer}/{self.threshold}"
+        """'per_head/fisher/global'; with `min_heads` 0, '.../min_heads=0' (the default leaves names as they were)."""
+        name = f"{self.granularity}/{self.scorer}/{self.threshold}"
+        return name if self.min_heads == 1 else f"{name}/min_heads={self.min_heads}"
 
 
 @dataclass(frozen=True)
@@ -275,6 +283,7 @@ class PruningSession:
             amount=amount,
             calib=calib,
             loss_fn=self.loss_fn,
+            min_heads=strategy.min_heads,
         )
         self.model = lora_finetune(
             self.model, self.train, self.config.lora, validation=self.validation, loss_fn=self.loss_fn
