@@ -1,30 +1,37 @@
-"""The accuracy–sparsity Pareto front, its hypervolume, and the area objective that ranks trials.
+"""Pareto fronts over n maximized objectives, their hypervolume and epsilon-net, and the scalars that rank trials.
 
-Pure functions on plain numbers, so the same code serves ASHA during a search, the report after it,
-and the notebook.
+Pure functions on plain numbers, so the same code serves the schedulers during a search, the report after it,
+and the notebook. Today's front is (attention sparsity, accuracy); with a latency table it may add speedup.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
-Point = tuple[float, float]  # (attention sparsity, accuracy); both larger is better
+import moocore
+import numpy as np
+
+Point = Sequence[float]  # one value per objective, all larger is better; e.g. (attention sparsity, accuracy)
 
 
 def dominates(a: Point, b: Point) -> bool:
-    """`a` is at least as good as `b` in both objectives and better in one."""
-    return a[0] >= b[0] and a[1] >= b[1] and (a[0] > b[0] or a[1] > b[1])
+    """`a` is at least as good as `b` in every objective and better in one."""
+    pairs = list(zip(a, b, strict=True))
+    return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
 
 
 def pareto_front(points: Sequence[Point]) -> list[int]:
-    """Indices of the non-dominated points (the first of identical points only), by sparsity."""
-    chosen: list[int] = []
-    best_accuracy = float("-inf")
-    for index in sorted(range(len(points)), key=lambda i: (-points[i][0], -points[i][1], i)):
-        if points[index][1] > best_accuracy:
-            chosen.append(index)
-            best_accuracy = points[index][1]
-    return sorted(chosen, key=lambda i: points[i][0])
+    """Indices of the non-dominated points (the first of identical points only; none with a NaN value), in
+    ascending order of their coordinates, first coordinate first (with two objectives: by the first, e.g. sparsity)."""
+    measured = [i for i, point in enumerate(points) if not any(math.isnan(x) for x in point)]
+    kept: list[int] = []
+    # a point can only be dominated by one before it in descending order, and then by a kept one (transitivity)
+    for index in sorted(measured, key=lambda i: (*(-float(x) for x in points[i]), i)):
+        point = tuple(points[index])
+        if not any(dominates(points[k], point) or tuple(points[k]) == point for k in kept):
+            kept.append(index)
+    return sorted(kept, key=lambda i: (*(float(x) for x in points[i]), i))
 
 
 def nondominated_ranks(points: Sequence[Point]) -> list[int]:
@@ -42,14 +49,63 @@ def nondominated_ranks(points: Sequence[Point]) -> list[int]:
     return ranks
 
 
-def hypervolume(points: Sequence[Point], reference: Point = (0.0, 0.0)) -> float:
-    """Area dominated by `points` and bounded below by `reference` (sparsity, accuracy)."""
-    front = [points[i] for i in pareto_front(points) if points[i][0] > reference[0] and points[i][1] > reference[1]]
-    area, floor = 0.0, reference[1]
-    for sparsity, accuracy in sorted(front, key=lambda p: -p[0]):
-        area += (sparsity - reference[0]) * (accuracy - floor)
-        floor = accuracy
-    return area
+def hypervolume(points: Sequence[Point], reference: Point | None = None) -> float:
+    """Volume dominated by `points` and bounded below by `reference` (default: the origin), computed by moocore.
+
+    A point not strictly better than the reference in every objective, or with a NaN value, adds nothing.
+    """
+    if len(points) == 0:
+        return 0.0
+    data = np.asarray(points, dtype=float)
+    ref = np.zeros(data.shape[-1]) if reference is None else np.asarray(reference, dtype=float)
+    if data.ndim != 2 or ref.shape != (data.shape[1],):
+        raise ValueError(f"every point and the reference need one value per objective; got points of shape "
+                         f"{data.shape} and a reference of {ref.size} values")
+    data = data[~np.isnan(data).any(axis=1)]  # moocore's 3-D algorithm returns NaN for them
+    return float(moocore.hypervolume(data, ref=ref, maximise=True)) if len(data) else 0.0
+
+
+def epsilon_front(points: Sequence[Point], epsilon: Sequence[float]) -> list[int]:
+    """An additive epsilon-net of the Pareto front: indices of a subset of `pareto_front(points)`, in its order,
+    such that every front point left out is epsilon-dominated by a kept one (kept_i + epsilon_i >= dropped_i in
+    every objective i).
+
+    Front points closer than `epsilon` say the same thing twice (e.g. two models 0.2% apart in sparsity); the net
+    shows one. It is chosen greedily: keep the front point that epsilon-dominates the most front points not yet
+    covered (ties: the first in the front's order), until every front point is covered.
+    """
+    if any(not e >= 0 for e in epsilon) or (len(points) and len(epsilon) != len(points[0])):
+        raise ValueError(f"epsilon needs one value >= 0 per objective, got {list(epsilon)}")
+    front = pareto_front(points)
+    order = {index: position for position, index in enumerate(front)}
+    covers = {i: {i} | {j for j in front if all(a + e >= b for a, e, b in zip(points[i], epsilon, points[j]))}
+              for i in front}  # {i}: each point covers itself, even at -inf + inf
+    kept: list[int] = []
+    uncovered = set(front)
+    while uncovered:
+        best = max(front, key=lambda i: (len(covers[i] & uncovered), -order[i]))
+        kept.append(best)
+        uncovered -= covers[best]
+    return sorted(kept, key=order.get)
+
+
+def own_hypervolume(points: Sequence[Point], reference: Point, upper: Point) -> float:
+    """A trial's own scalar over n objectives: the fraction of the box from `reference` to `upper` that its
+    points dominate, each point first clipped to `upper`.
+
+    It is what ASHA (`area`) and population-based training rank a trial on when speedup is an objective,
+    where no accuracy-over-sparsity area exists: like the area, it grows when the trial stays accurate and
+    when it goes further, and trials share the box, so their values compare. The box's top is where credit
+    ends (the target sparsity: going past it earns nothing). For (accuracy, sparsity), reference (0, 0) and
+    upper (1, upto) it is `staircase_area(curve, upto)` on any curve where no model is more accurate than a less
+    pruned one; where one is, the hypervolume pays that model's accuracy at the lower sparsities too (the model
+    is there to be taken), the staircase only the next model's.
+    """
+    if len(reference) != len(upper) or any(not top > low for low, top in zip(reference, upper)):
+        raise ValueError(f"the box needs upper > reference in every objective, got reference {list(reference)} "
+                         f"and upper {list(upper)}")
+    clipped = [tuple(min(x, top) for x, top in zip(point, upper, strict=True)) for point in points]
+    return hypervolume(clipped, reference) / float(np.prod(np.subtract(upper, reference)))
 
 
 def staircase_area(curve: Sequence[Point], upto: float) -> float:
@@ -57,8 +113,9 @@ def staircase_area(curve: Sequence[Point], upto: float) -> float:
     model at or beyond that sparsity, 0 past its last point.
 
     This is the trial's own hypervolume (reference accuracy 0) divided by `upto`, the measure its points
-    add to a front: a trial that skips a level (25% steps) is paid its next model's accuracy there, never
-    the interpolation between two models that do not exist. A trial that keeps accuracy `a` all the way
+    add to a front, as long as no model is more accurate than a less pruned one (`own_hypervolume`): a
+    trial that skips a level (25% steps) is paid its next model's accuracy there, never the interpolation
+    between two models that do not exist. A trial that keeps accuracy `a` all the way
     scores `a`; one that stops halfway at most `a / 2`.
     """
     _check_upto(upto)
@@ -93,5 +150,6 @@ def _check_upto(upto: float) -> None:
 
 # The scalar a trial is ranked on (`objective:`): ASHA at its rungs and Optuna at its end take it up to the
 # target sparsity, population-based training up to the sparsity all ranked trials have reached. Curves start
-# at the dense model (sparsity 0).
+# at the dense model (sparsity 0). With speedup among the objectives a trial is ranked on `own_hypervolume`
+# instead (search.schedulers.trial_area).
 OBJECTIVES = {"staircase": staircase_area, "trapezoid": trapezoid_area}

@@ -1,7 +1,7 @@
 """When trials stop: the scheduler a config names, the search's step budget, and a Pareto-aware ASHA (MO-ASHA).
 
 Rungs are on the attention sparsity reached in percent (`sparsity_pct`) and ASHA's metric is the
-trial's `objective` (by default the staircase area under its accuracy-sparsity curve, the trial's own
+trial's `area` (by default the staircase area under its accuracy-sparsity curve, the trial's own
 hypervolume, over the target), so trials with different step ratios are compared
 at the same sparsity.
 
@@ -11,23 +11,30 @@ MO-ASHA (Schmucker et al. 2021) does: a trial continues when, among the results 
 rung and its own, it is within the first ceil(n / reduction_factor) by (front index, first
 objective). No scalarization is chosen for the user: a trial that is less accurate but further
 along in sparsity can survive.
+
+What each scheduler ranks on, by `objectives:` (search.space): `pareto_asha` on the objectives themselves
+(the task's metric, `attention_sparsity`, `speedup`, as listed); `asha` and `pbt` on one scalar, the
+trial's `area` from `trial_area`: with [accuracy, sparsity] the `objective:` area over the accuracy-sparsity
+curve, with speedup among the objectives the trial's own hypervolume over them (`own_hypervolume`; over
+[accuracy, sparsity] it would be the staircase area again).
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
 
 from prune_core import GRANULARITIES
-from search.pareto import OBJECTIVES, nondominated_ranks
-from search.space import SPACE_KEYS, Param, SearchConfig
+from search.pareto import OBJECTIVES, nondominated_ranks, own_hypervolume
+from search.space import FRONT_OBJECTIVES, Param, SearchConfig, objective_keys
 
 TIME_ATTR = "sparsity_pct"  # the attention sparsity a trial reached, in percent: ASHA's rungs
-ASHA_METRIC = "area"  # the trial's `objective`: an area under its accuracy-sparsity curve over the target (maximized)
+ASHA_METRIC = "area"  # the trial's `trial_area` up to the target (maximized)
 
 
 class Scheduling(NamedTuple):
@@ -48,7 +55,7 @@ def build_scheduler(config: SearchConfig, metric: str, dense_metric: float) -> S
     if config.scheduler == "pbt":
         return Scheduling(StrategyPbt(config, metric, dense_metric), takes_searcher=False)
     if config.scheduler == "pareto_asha":
-        scheduler = ParetoAsha(TIME_ATTR, (metric, "attention_sparsity"), max_t, config.asha.grace_period,
+        scheduler = ParetoAsha(TIME_ATTR, objective_keys(config.objectives, metric), max_t, config.asha.grace_period,
                                config.asha.reduction_factor)
         return Scheduling(scheduler, takes_searcher=True)
     scheduler = AsyncHyperBandScheduler(
@@ -60,6 +67,38 @@ def build_scheduler(config: SearchConfig, metric: str, dense_metric: float) -> S
         reduction_factor=config.asha.reduction_factor,
     )
     return Scheduling(scheduler, takes_searcher=True)
+
+
+def further_objectives(config: SearchConfig) -> tuple[str, ...]:
+    """The objectives beyond accuracy and sparsity (speedup): their values follow those two in a curve entry."""
+    return tuple(name for name in config.objectives if name not in ("accuracy", "sparsity"))
+
+
+def curve_entry(config: SearchConfig, result: dict, metric: str) -> tuple[float, ...]:
+    """One model of a trial's curve: (attention sparsity, metric, then each further objective's value)."""
+    keys = ("attention_sparsity", metric, *(FRONT_OBJECTIVES[name].key for name in further_objectives(config)))
+    return tuple(float(result[key]) for key in keys)
+
+
+def trial_area(config: SearchConfig, curve: Sequence[Sequence[float]], upto: float) -> float:
+    """The scalar a trial is ranked on (ASHA's and single-objective Optuna's `area`, PBT's ranking), from its
+    curve of `curve_entry`s, dense model first, credited up to sparsity `upto`.
+
+    With [accuracy, sparsity]: the `objective:` area over the accuracy-sparsity curve. With speedup: the trial's
+    own hypervolume over `config.objectives` (search.pareto.own_hypervolume) of the models it delivers up to
+    `upto` (those below it and the first at or beyond it, as the staircase pays them), in the box from the dense
+    model's values (accuracy 0) to the most a model at `upto` can score.
+    """
+    further = further_objectives(config)
+    if not further:
+        return OBJECTIVES[config.objective]([(entry[0], entry[1]) for entry in curve], upto)
+    ordered = sorted(curve)
+    delivered = [entry for entry in ordered if entry[0] < upto] + [entry for entry in ordered if entry[0] >= upto][:1]
+    column = {"sparsity": 0, "accuracy": 1, **{name: 2 + i for i, name in enumerate(further)}}
+    points = [tuple(entry[column[name]] for name in config.objectives) for entry in delivered]
+    reference = tuple(FRONT_OBJECTIVES[name].reference for name in config.objectives)
+    upper = tuple(FRONT_OBJECTIVES[name].most(upto) for name in config.objectives)
+    return own_hypervolume(points, reference, upper)
 
 
 class StepBudget(tune.Stopper):
@@ -87,18 +126,18 @@ class StepBudget(tune.Stopper):
 
 
 class ParetoAsha(FIFOScheduler):
-    """MO-ASHA over `objectives` (result keys, all maximized) with rungs on `time_attr`."""
+    """MO-ASHA over `objectives` (two or more result keys, all maximized) with rungs on `time_attr`."""
 
     def __init__(
         self, time_attr: str, objectives: tuple[str, ...], max_t: float, grace_period: float, reduction_factor: float
     ) -> None:
-        if len(objectives) != 2 or not 0 < grace_period < max_t or reduction_factor <= 1:
-            raise ValueError("ParetoAsha needs two objectives, 0 < grace_period < max_t and reduction_factor > 1")
+        if len(objectives) < 2 or not 0 < grace_period < max_t or reduction_factor <= 1:
+            raise ValueError("ParetoAsha needs two or more objectives, 0 < grace_period < max_t and reduction_factor > 1")
         super().__init__()
         self.time_attr, self.objectives, self.max_t, self.rf = time_attr, tuple(objectives), max_t, reduction_factor
         count = int(math.log(max_t / grace_period) / math.log(reduction_factor)) + 1
         milestones = [grace_period * reduction_factor**k for k in range(count)]
-        self.rungs: list[tuple[float, dict[str, tuple[float, float]]]] = [(m, {}) for m in reversed(milestones) if m < max_t]
+        self.rungs: list[tuple[float, dict[str, tuple[float, ...]]]] = [(m, {}) for m in reversed(milestones) if m < max_t]
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return True  # the objectives are the scheduler's own; the searcher keeps its metric
@@ -110,7 +149,7 @@ class ParetoAsha(FIFOScheduler):
             return TrialScheduler.STOP
         return self.decide(trial.trial_id, result[self.time_attr], tuple(float(result[k]) for k in self.objectives))
 
-    def decide(self, trial_id: str, time: float, point: tuple[float, float]) -> str:
+    def decide(self, trial_id: str, time: float, point: tuple[float, ...]) -> str:
         """Record the trial at the highest rung it just reached and say whether it goes on."""
         for milestone, recorded in self.rungs:  # highest first
             if time < milestone:
@@ -136,8 +175,8 @@ class StrategyPbt(PopulationBasedTraining):
     top trial's step checkpoint (its pruned, LoRA-merged model) with an explored config for its next
     steps, so its schedule may change strategy on the way and no step of the top trial is redone.
     Changes to Ray's PBT:
-    - trials are ranked by their `objective` up to the sparsity all of them have reached (the curve
-      from the dense model), not on each one's last score, which grows with the sparsity reached;
+    - trials are ranked by `trial_area` up to the sparsity all of them have reached (the curve from the
+      dense model), not on each one's last score, which grows with the sparsity reached;
     - a bottom trial is exploited only when it ranks strictly below the top ones (a tie is no reason to clone);
     - a clone never writes over its trial's earlier step checkpoints;
     - explore resamples each searched key from the space with probability `pbt.resample` (Ray's list
@@ -148,12 +187,13 @@ class StrategyPbt(PopulationBasedTraining):
     """
 
     def __init__(self, config: SearchConfig, metric: str, dense_metric: float) -> None:
+        self.config = config
         self.space = {param.name: param for param in config.space}
         self.resample = config.pbt.resample
         self.metric_name, self.dense_metric = metric, dense_metric
-        self.objective = OBJECTIVES[config.objective]
         self.rng = random.Random(config.seed)
-        self.curves: dict[str, dict[int, tuple[float, float]]] = {}  # trial id -> step -> (sparsity, metric)
+        self.curves: dict[str, dict[int, tuple[float, ...]]] = {}  # trial id -> step -> curve_entry
+        self.keys = ("attention_sparsity", *objective_keys(config.objectives, metric))  # what a curve entry needs
         self.checkpoint_index: dict[str, int] = {}  # trial id -> the highest checkpoint folder index it has written
         super().__init__(
             time_attr=TIME_ATTR,
@@ -167,12 +207,12 @@ class StrategyPbt(PopulationBasedTraining):
         )
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if result.get("step") is not None and self.metric_name in result:
+        if result.get("step") is not None and all(key in result for key in self.keys):
             step = int(result["step"])
             if result.get("cloned_from") and step - 1 == int(result["cloned_from"].rsplit("/", 1)[1]):
                 self._inherit(trial.trial_id, result["cloned_from"])  # a clone's first step: its true origin
             curve = self.curves.setdefault(trial.trial_id, {})
-            curve[step] = (float(result["attention_sparsity"]), float(result[self.metric_name]))
+            curve[step] = curve_entry(self.config, result, self.metric_name)
         if str(result.get("checkpoint_dir_name") or "").startswith("checkpoint_"):
             index = int(result["checkpoint_dir_name"].rsplit("_", 1)[1])
             self.checkpoint_index[trial.trial_id] = max(index, self.checkpoint_index.get(trial.trial_id, -1))
@@ -192,12 +232,13 @@ class StrategyPbt(PopulationBasedTraining):
         source, step = cloned_from.rsplit("/", 1)
         self.curves[trial_id] = {s: point for s, point in self.curves.get(source, {}).items() if s <= int(step)}
 
-    def curve(self, trial_id: str) -> list[tuple[float, float]]:
-        """The trial's accuracy-sparsity curve along its lineage, from the dense model."""
-        return [(0.0, self.dense_metric), *sorted(self.curves.get(trial_id, {}).values())]
+    def curve(self, trial_id: str) -> list[tuple[float, ...]]:
+        """The trial's curve of `curve_entry`s along its lineage, from the dense model."""
+        further = tuple(FRONT_OBJECTIVES[name].reference for name in further_objectives(self.config))  # the dense values
+        return [(0.0, self.dense_metric, *further), *sorted(self.curves.get(trial_id, {}).values())]
 
     def _quantiles(self):
-        """Bottom and top quantile by the objective up to the sparsity every ranked trial has reached."""
+        """Bottom and top quantile by `trial_area` up to the sparsity every ranked trial has reached."""
         trials = [
             trial for trial, state in self._trial_state.items()
             if state.last_score is not None and not math.isnan(state.last_score) and not trial.is_finished()
@@ -205,8 +246,8 @@ class StrategyPbt(PopulationBasedTraining):
         ]
         if len(trials) <= 1:
             return [], []
-        reached = min(max(sparsity for sparsity, _ in self.curves[t.trial_id].values()) for t in trials)
-        score = {t: self.objective(self.curve(t.trial_id), reached) for t in trials}
+        reached = min(max(entry[0] for entry in self.curves[t.trial_id].values()) for t in trials)
+        score = {t: trial_area(self.config, self.curve(t.trial_id), reached) for t in trials}
         trials.sort(key=score.get)
         count = min(math.ceil(len(trials) * self._quantile_fraction), len(trials) // 2)
         upper = trials[len(trials) - count:]
@@ -243,7 +284,7 @@ class StrategyPbt(PopulationBasedTraining):
         """`config` with each searched key resampled from the space with probability `resample`; on a model
         with ragged heads only the granularities that prune those."""
         new = dict(config)
-        for name in SPACE_KEYS:
+        for name in self.space:
             if self.rng.random() < self.resample:
                 new[name] = self._sample(self.space[name])
         if ragged and not GRANULARITIES[new["granularity"]].ragged_heads:

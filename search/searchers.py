@@ -1,9 +1,11 @@
 """Who proposes the trials: Optuna (TPE, NSGA-II when multi-objective, or its random sampler) or the full grid;
 under `scheduler: pbt`, Tune's own sampler draws the first population (Ray allows no search algorithm there).
 
-In multi-objective mode Optuna optimizes (metric, attention sparsity); metric and mode are given to the
-searcher alone (a TuneConfig metric would make the study single-objective), and a trial stopped early is
-told to Optuna as PRUNED instead of COMPLETE with a partial result (`StudyAwareOptunaSearch`).
+In multi-objective mode Optuna optimizes the config's `objectives` as result keys (the task's metric,
+`attention_sparsity`, `speedup`, as listed), else the trial's `area` (with speedup, its own hypervolume over
+the objectives: search.schedulers.trial_area). Metric and mode are given to the searcher alone (a TuneConfig
+metric would make the study single-objective), and a trial stopped early is told to Optuna as PRUNED instead
+of COMPLETE with a partial result (`StudyAwareOptunaSearch`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from ray import tune
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from search.space import SearchConfig, grid_values
+from search.space import SearchConfig, grid_values, objective_keys
 
 
 class SearchPlan(NamedTuple):
@@ -31,7 +33,7 @@ class StudyAwareOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna a trial stopped early (no `final` result) was PRUNED.
 
     Ray hands a trial ASHA stopped to the searcher as complete with its last partial result; in
-    multi-objective mode that partial (accuracy, sparsity) pair would enter Optuna's front.
+    multi-objective mode that partial point (accuracy, sparsity, ...) would enter Optuna's front.
     """
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -51,7 +53,8 @@ def build_searcher(config: SearchConfig, study_name: str, metric: str) -> Search
                                           random_state=config.seed)
         return SearchPlan(generator, tune_space(config), config.trials)
     if config.multi_objective:
-        objective = {"metric": [metric, "attention_sparsity"], "mode": ["max", "max"]}
+        keys = list(objective_keys(config.objectives, metric))
+        objective = {"metric": keys, "mode": ["max"] * len(keys)}
         sampler = optuna.samplers.NSGAIISampler(seed=config.seed)
     else:
         objective = {"metric": "area", "mode": "max"}

@@ -2,12 +2,19 @@
 
 A search-space entry is a list (a choice), a constant, or one of `{uniform: [lo, hi]}`,
 `{loguniform: [lo, hi]}`, `{int: [lo, hi]}`. Every error names the file and the key.
+
+`objectives:` are the front's axes, all maximized: `[accuracy, sparsity]` (the default), `[accuracy, speedup]`
+or `[accuracy, sparsity, speedup]`, where speedup is predicted from a latency table (`latency_table:`, at
+`speedup_at:`). What ranks trials then: Optuna with `multi_objective: true` and `scheduler: pareto_asha` take
+the objectives themselves; ASHA, PBT and single-objective Optuna take the trial's `area`, which with speedup
+is its own hypervolume over the objectives (search.schedulers.trial_area).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,10 +26,15 @@ from prune_core import GRANULARITIES, SCORERS, THRESHOLDS
 from prune_core.session import SCHEDULES
 
 SEARCHERS = ("optuna", "random", "grid")  # TPE (or NSGA-II), Optuna's random sampler, every combination
-# ASHA on the area, MO-ASHA on (metric, sparsity), population-based training over strategy schedules, no stopping
+# ASHA on the area, MO-ASHA on the objectives, population-based training over strategy schedules, no stopping
 SCHEDULERS = ("asha", "pareto_asha", "pbt", "none")
 OBJECTIVE_NAMES = ("staircase", "trapezoid")  # search.pareto.OBJECTIVES: the area a trial is ranked on
+# The fronts a search can be after (`objectives:`), in the order given; `accuracy` is the task's metric.
+OBJECTIVE_SETS = (("accuracy", "sparsity"), ("accuracy", "speedup"), ("accuracy", "sparsity", "speedup"))
 SPACE_KEYS = ("granularity", "scorer", "threshold", "step_ratio", "lora_rank", "lora_alpha", "lr", "epochs")
+# Dimensions a space may leave out, and the value every trial then has: `min_heads: 0` lets entire_head and
+# hybrid remove whole attention blocks (prune_core.Strategy); `[0, 1]` searches it.
+OPTIONAL_SPACE_KEYS = {"min_heads": 1}
 DISTRIBUTIONS = ("uniform", "loguniform", "int")
 # The paper's strategies, to warm-start Optuna (`points_to_evaluate: paper`).
 PAPER_POINTS = (
@@ -39,6 +51,39 @@ PAPER_SETTINGS = {"step_ratio": 0.1, "lora_rank": 16, "lora_alpha": 16, "lr": 1e
 
 class ConfigError(ValueError):
     """A search configuration that cannot run; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class FrontObjective:
+    """One axis of the front as trials report it, and the box a trial's own hypervolume is a fraction of
+    (search.pareto.own_hypervolume): credit starts at `reference` (the dense model's value; 0 for accuracy,
+    whose every point counts) and ends at `most(upto)`, the most a model pruned up to sparsity `upto` can score."""
+
+    key: str | None  # the result key; None: the task's metric (accuracy, or mAP for multi-label tasks)
+    reference: float
+    most: Callable[[float], float]
+
+
+FRONT_OBJECTIVES = {
+    "accuracy": FrontObjective(None, 0.0, lambda upto: 1.0),
+    "sparsity": FrontObjective("attention_sparsity", 0.0, lambda upto: upto),
+    # latency stays above (1 - upto) of the dense one while no cost falls faster than the attention parameters
+    # it comes from (the MLP's does not fall at all): a speedup of at most 1 / (1 - upto); beyond, it is clipped
+    "speedup": FrontObjective("speedup", 1.0, lambda upto: 1.0 / (1.0 - upto)),
+}
+
+
+def objective_keys(objectives: tuple[str, ...], metric: str) -> tuple[str, ...]:
+    """The result keys of `objectives`, in order; `metric` is the task's (e.g. accuracy or mAP)."""
+    return tuple(FRONT_OBJECTIVES[name].key or metric for name in objectives)
+
+
+@dataclass(frozen=True)
+class SpeedupAt:
+    """The input size speedup is predicted at: tokens per example and batch size."""
+
+    tokens: int
+    batch: int
 
 
 @dataclass(frozen=True)
@@ -95,6 +140,10 @@ class SearchConfig:
     seed: int = 0
     objective: str = "staircase"  # the area under a trial's accuracy-sparsity curve it is ranked on
     multi_objective: bool = False
+    objectives: tuple[str, ...] = OBJECTIVE_SETS[0]  # the front's axes, one of OBJECTIVE_SETS
+    latency_table: str | None = None  # `prune-search profile` output (absolute path); required with speedup
+    speedup_at: SpeedupAt | None = None  # required with speedup
+    epsilon: tuple[float, ...] | None = None  # per objective, the resolution of the report's epsilon-net of the front
     searcher: str = "optuna"
     scheduler: str = "asha"
     points_to_evaluate: tuple[dict, ...] = ()
@@ -144,6 +193,7 @@ _CHECKS = {
     "lora_alpha": lambda v: isinstance(v, (int, float)) and v > 0,
     "lr": lambda v: isinstance(v, (int, float)) and 0 < v < 1,
     "epochs": lambda v: isinstance(v, (int, float)) and v >= 0 and float(v).is_integer(),
+    "min_heads": lambda v: v in (0, 1) and not isinstance(v, bool),
 }
 _EXPECTED = {
     "granularity": f"one of {sorted(GRANULARITIES)}",
@@ -154,6 +204,7 @@ _EXPECTED = {
     "lora_alpha": "a number > 0",
     "lr": "a learning rate in (0, 1)",
     "epochs": "an integer >= 0",
+    "min_heads": "0 (whole attention blocks may go) or 1 (a head stays in every layer)",
 }
 
 
@@ -189,20 +240,22 @@ def parse_config(raw: dict, source: str = "<config>") -> SearchConfig:
     space_raw = raw["space"]
     if not isinstance(space_raw, dict):
         raise _fail(source, "space", "expected a mapping of search dimensions")
-    unknown = sorted(set(space_raw) - set(SPACE_KEYS))
+    unknown = sorted(set(space_raw) - set(SPACE_KEYS) - set(OPTIONAL_SPACE_KEYS))
     if unknown:
-        raise _fail(source, f"space.{unknown[0]}", f"unknown dimension; known: {list(SPACE_KEYS)}")
+        raise _fail(source, f"space.{unknown[0]}", f"unknown dimension; known: {[*SPACE_KEYS, *OPTIONAL_SPACE_KEYS]}")
     missing = [key for key in SPACE_KEYS if key not in space_raw]
     if missing:
         raise _fail(source, f"space.{missing[0]}", "missing; give a value or a list of values")
-    space = tuple(_param(source, name, space_raw[name]) for name in SPACE_KEYS)
+    names = [*SPACE_KEYS, *(key for key in OPTIONAL_SPACE_KEYS if key in space_raw)]
+    space = tuple(_param(source, name, space_raw[name]) for name in names)
     for param in space:
         for value in param.choices or (param.low, param.high):
             if not _CHECKS[param.name](value):
                 raise _fail(source, f"space.{param.name}", f"{value!r} is not {_EXPECTED[param.name]}")
-        if param.distribution and param.name in ("granularity", "scorer", "threshold"):
+        if param.distribution and param.name in ("granularity", "scorer", "threshold", "min_heads"):
             raise _fail(source, f"space.{param.name}", "must be a list of names, not a distribution")
-    values = {k: v for k, v in raw.items() if k not in ("space", "resources", "asha", "pbt", "loader", "points_to_evaluate")}
+    parsed = ("space", "resources", "asha", "pbt", "loader", "points_to_evaluate", *_FRONT_KEYS)
+    values = {k: v for k, v in raw.items() if k not in parsed}
     points = raw.get("points_to_evaluate", ())
     if points == "paper":
         points = PAPER_POINTS
@@ -220,9 +273,54 @@ def parse_config(raw: dict, source: str = "<config>") -> SearchConfig:
         pbt=_section(source, "pbt", PbtConfig, raw.get("pbt")),
         loader=_section(source, "loader", LoaderConfig, raw.get("loader"), seed=seed),
         source=source,
+        **_front(source, raw),
     )
     _validate(config)
     return config
+
+
+_FRONT_KEYS = ("objectives", "latency_table", "speedup_at", "epsilon")
+_PROFILE = "build one with `prune-search profile --device cpu --out FILE`"
+
+
+def _front(source: str, raw: dict) -> dict[str, Any]:
+    """`objectives` and what speedup needs: the latency table (a file, resolved against the working directory as
+    `data` and `baseline` are, made absolute for the trials) and the input size; `epsilon`, one per objective."""
+    objectives = raw.get("objectives", list(OBJECTIVE_SETS[0]))
+    if not isinstance(objectives, (list, tuple)) or tuple(objectives) not in OBJECTIVE_SETS:
+        allowed = ", ".join(f"[{', '.join(names)}]" for names in OBJECTIVE_SETS)
+        raise _fail(source, "objectives", f"one of {allowed} (accuracy: the task's metric); got {objectives!r}")
+    objectives = tuple(objectives)
+    speedup = "speedup" in objectives
+    for key in ("latency_table", "speedup_at"):
+        if not speedup and raw.get(key) is not None:
+            raise _fail(source, key, "only used when speedup is an objective: add speedup to objectives or drop it")
+        if speedup and raw.get(key) is None:
+            needed = "the path of a latency table JSON; " + _PROFILE if key == "latency_table" else (
+                "the input size speedup is predicted at, e.g. {tokens: 146, batch: 1}")
+            raise _fail(source, key, f"required with speedup among the objectives: {needed}")
+    table, at = raw.get("latency_table"), raw.get("speedup_at")
+    if speedup:
+        if not isinstance(table, str) or not Path(table).is_file():
+            raise _fail(source, "latency_table", f"no such file: {table!r}; {_PROFILE}")
+        table = str(Path(table).resolve())
+        if not isinstance(at, dict):
+            raise _fail(source, "speedup_at", f"a mapping of tokens and batch, e.g. {{tokens: 146, batch: 1}}; got {at!r}")
+        unknown = sorted(set(at) - {"tokens", "batch"}, key=str)
+        if unknown:
+            raise _fail(source, f"speedup_at.{unknown[0]}", "unknown key; known keys: ['batch', 'tokens']")
+        for key in ("tokens", "batch"):
+            value = at.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _fail(source, f"speedup_at.{key}", f"an integer >= 1, got {value!r}")
+        at = SpeedupAt(**at)
+    epsilon = raw.get("epsilon")
+    if epsilon is not None:
+        if not (isinstance(epsilon, list) and len(epsilon) == len(objectives) and all(
+                isinstance(e, (int, float)) and not isinstance(e, bool) and 0 <= e < math.inf for e in epsilon)):
+            raise _fail(source, "epsilon", f"one number >= 0 per objective ({', '.join(objectives)}), got {epsilon!r}")
+        epsilon = tuple(float(e) for e in epsilon)
+    return {"objectives": objectives, "latency_table": table, "speedup_at": at, "epsilon": epsilon}
 
 
 def _complete(point: dict, space: tuple[Param, ...]) -> dict:
@@ -263,6 +361,9 @@ def _validate(config: SearchConfig) -> None:
                     "accuracy the trial's models deliver at each sparsity; trapezoid: interpolated between them)")
     if config.scheduler not in SCHEDULERS:
         raise _fail(source, "scheduler", f"one of {list(SCHEDULERS)}, got {config.scheduler!r}")
+    if "speedup" in config.objectives and config.objective != "staircase":
+        raise _fail(source, "objective", f"{config.objective} interpolates accuracy over sparsity and has no form with "
+                    "speedup; with speedup a trial is ranked on its own hypervolume over the objectives: use staircase")
     if config.searcher == "grid" and (config.multi_objective or config.points_to_evaluate):
         raise _fail(source, "searcher", "grid runs every combination of the listed choices: drop multi_objective and points_to_evaluate")
     if config.eval_split not in ("train", "validation", "test"):
