@@ -105,11 +105,18 @@ def _resume(args: argparse.Namespace) -> int:
     return resume(args.experiment, address=args.address, runs_dir=Path(args.runs))
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of numbers, got {text!r}") from error
+
+
 def _report(args: argparse.Namespace) -> int:
     from search.results import report
 
     out = Path(args.out) if args.out else None
-    return report(args.experiment, out=out, runs_dir=Path(args.runs), evaluate=args.evaluate)
+    return report(args.experiment, out=out, runs_dir=Path(args.runs), evaluate=args.evaluate, epsilon=args.epsilon)
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -161,6 +168,30 @@ def _wait_for_group(group: int, grace: float = 10.0) -> None:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(group, signal.SIGKILL)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    """Measure this machine's latency table (prune_core.latency_model) and write it as JSON."""
+    from prune_core.latency_model import QUICK, profile, save_table
+
+    grid = dict(QUICK) if args.quick else {}
+    for flag, key in (("tokens", "tokens"), ("batch", "batches")):
+        text = getattr(args, flag)
+        if text is not None:
+            try:
+                grid[key] = [int(item) for item in text.split(",") if item.strip()]
+            except ValueError:
+                raise ValueError(f"--{flag} {text!r}: expected comma-separated ints, e.g. --{flag} "
+                                 f"{'146,1214' if flag == 'tokens' else '1,8'}") from None
+    table = profile(args.device, threads=args.threads, clock=args.clock,
+                    progress=lambda line: print(line, file=sys.stderr, flush=True), **grid)
+    save_table(table, args.out)
+    done = table["profiled"]
+    left_out = f"; left out (tokens, batch) {table['left_out']}, too slow here" if table["left_out"] else ""
+    print(f"profiled {done['cells']} cells on {table['device']} ({table['device_name']}, {table['threads']} threads) "
+          f"in {done['wall_s']:.0f} s, worst spread {done['worst_spread']:.0%}, {done['remeasured']} re-measured "
+          f"alone{left_out}; wrote {args.out}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -257,12 +288,28 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--evaluate", metavar="SPLIT", default=None,
                         help="also evaluate the front's models on this split of the search's data (e.g. test): a "
                              "<split>_<metric> column and the front's hypervolume on it (cached per search)")
+    report.add_argument("--epsilon", type=_floats, default=None, metavar="E1,E2[,E3]",
+                        help="show an epsilon-net of the front, one epsilon per objective in the search's order "
+                             "(e.g. 0.005,0.01 for accuracy, sparsity); the exact front stays in pareto-exact.parquet")
     report.set_defaults(run=_report)
 
     ui = commands.add_parser("ui", help="the MLflow UI over runs/mlflow.db")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(run=_ui)
+
+    profile = commands.add_parser("profile", help="measure this machine's latency table for predicted_latency")
+    profile.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    profile.add_argument("--tokens", default=None, help="comma-separated token counts (default 146,1214: an AST with "
+                         "128 mel bins has 2 + 12 x t tokens)")
+    profile.add_argument("--batch", default=None, help="comma-separated batch sizes (default 1,8; on cpu, pairs with "
+                         "tokens x batch > 2048 are left out)")
+    profile.add_argument("--threads", type=int, default=None, help="torch threads to measure with (default: torch's)")
+    profile.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                         help="wall time, or with --threads 1 on a shared CPU the thread's CPU time (steadier)")
+    profile.add_argument("--quick", action="store_true", help="a tiny grid for the tests' tiny AST (seconds)")
+    profile.add_argument("--out", required=True, help="the JSON table to write")
+    profile.set_defaults(run=_profile)
 
     demo = commands.add_parser("demo", help="the whole embedded job: data, baseline, search, Pareto report")
     demo.add_argument("--workers", type=int, default=2)

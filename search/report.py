@@ -1,17 +1,20 @@
 """The Pareto report, built from what MLflow holds (so it works on finished, running and resumed searches).
 
-Every (trial, step) point of the search's child runs is collected; the non-dominated set over
-(attention sparsity up, accuracy up) is written as a Parquet table, a PNG plot, a self-contained
-HTML page, and logged on the parent run with the metric `pareto_hypervolume`. With the front's models
-evaluated on another split (`search.evaluate`), the table gains that column and the report the front's
-hypervolume on that split.
+Every (trial, step) point of the search's child runs is collected; the non-dominated set over the
+search's objectives (by default accuracy up and attention sparsity up; predicted speedup up when it is
+one) is written as a Parquet table, a PNG plot, a self-contained interactive HTML page
+(`search.report_page`), and logged on the parent run with the metric `pareto_hypervolume`. With an
+`epsilon` per objective the front shown is an epsilon-net of the exact one (a point barely further on
+one objective and far behind on another gives way to the real trade-off), and the exact front is kept
+beside it. With the front's models evaluated on another split (`search.evaluate`), the tables gain
+that column and the report the exact front's hypervolume on that split.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,22 +22,33 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from prune_core.session import schedule_summary
-from search.pareto import hypervolume, pareto_front
+from search.pareto import epsilon_front, hypervolume, pareto_front
+from search.report_page import interactive_figure, table, write_page, write_png
+from search.space import OBJECTIVE_SETS, objective_keys
 from search.tracking import LINEAGE_TAG, SEARCH_TAG, SEGMENT_TAG, STOPPED_TAG, STRATEGY_KEYS, Event
 
-# Hypervolume reference point: sparsity 0 (the dense model) and accuracy 0 (stated in the report).
-REFERENCE = (0.0, 0.0)
+# Hypervolume reference point per objective (stated in the report): accuracy 0, sparsity 0 (the dense
+# model), speedup 1 (as fast as dense).
+REFERENCE = {"accuracy": 0.0, "sparsity": 0.0, "speedup": 1.0}
+DEFAULT_OBJECTIVES = OBJECTIVE_SETS[0]
+
+
+def objective_columns(objectives: Sequence[str], metric: str) -> list[str]:
+    """The points' column of each objective: `accuracy` is the task's metric, whatever its name."""
+    return list(objective_keys(tuple(objectives), metric))
 
 
 @dataclass(frozen=True)
 class Report:
     points: pd.DataFrame
-    front: pd.DataFrame
-    hypervolume: float
+    front: pd.DataFrame  # the front shown: the exact front, or its epsilon-net when an epsilon was given
+    hypervolume: float  # of the exact front
     latency_front: pd.DataFrame
     files: dict[str, Path]
     split: str | None = None  # the split the front's models were evaluated on again: column `<split>_<metric>`
-    split_hypervolume: float | None = None  # of the same front, measured on that split
+    split_hypervolume: float | None = None  # of the exact front, measured on that split
+    exact_front: pd.DataFrame | None = None  # the exact front when `front` is an epsilon-net of it
+    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
 
 
 def find_parent(client: MlflowClient, experiment_name: str) -> tuple[str, str]:
@@ -101,7 +115,7 @@ def _lineage(values: dict) -> list[str] | None:
     return json.loads(values["lineage"]) if values.get("lineage") else None
 
 
-POINT_METRICS = ("attention_sparsity", "latency_ms", "params", "macs")
+POINT_METRICS = ("attention_sparsity", "speedup", "latency_ms", "params", "macs")
 COUNTS = ("params", "macs")  # integers; MLflow stores every metric as a float
 
 
@@ -137,106 +151,98 @@ def _frame(rows: list[dict | None]) -> pd.DataFrame:
     return frame.astype({key: "Int64" for key in COUNTS if key in frame})
 
 
-def front_of(points: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """The non-dominated rows over (attention sparsity up, `metric` up), by sparsity."""
-    pairs = list(zip(points["attention_sparsity"], points[metric]))
-    return points.iloc[pareto_front(pairs)].reset_index(drop=True)
+def front_of(points: pd.DataFrame, metric: str, objectives: Sequence[str] = DEFAULT_OBJECTIVES) -> pd.DataFrame:
+    """The non-dominated rows over the objectives (all maximized), by attention sparsity."""
+    columns = objective_columns(objectives, metric)
+    usable = points.dropna(subset=columns)
+    chosen = pareto_front(list(zip(*(usable[column] for column in columns))))
+    return usable.iloc[chosen].sort_values(["attention_sparsity", metric]).reset_index(drop=True)
+
+
+def epsilon_net(front: pd.DataFrame, metric: str, objectives: Sequence[str], epsilon: Sequence[float]) -> pd.DataFrame:
+    """The rows of `front` that stay in its additive epsilon-net (`search.pareto.epsilon_front`)."""
+    columns = objective_columns(objectives, metric)
+    kept = epsilon_front(list(zip(*(front[column] for column in columns))), epsilon)
+    return front.iloc[sorted(kept)].reset_index(drop=True)
 
 
 def build_report(
-    points: pd.DataFrame, metric: str, out: Path, title: str, evaluated: pd.Series | None = None
+    points: pd.DataFrame, metric: str, out: Path, title: str, evaluated: pd.Series | None = None, *,
+    objectives: Sequence[str] = DEFAULT_OBJECTIVES, epsilon: Sequence[float] | None = None,
+    dense: Mapping[str, float] | None = None, run_url: str | None = None,
 ) -> Report:
     """Front, hypervolume and the three files, written under `out`.
 
     `evaluated` (from `search.evaluate.evaluate_rows`, named by its split) is the metric of the front's
     models on another split, by (trial, step): the front keeps its rows and gains that column, and the
-    report the hypervolume of that front measured on that split."""
+    report the hypervolume of that front measured on that split. `epsilon` (one per objective) shows an
+    epsilon-net of the front; `dense` (split -> the dense model's metric) draws reference lines;
+    `run_url` (with `{run_id}`) links each point to its MLflow run."""
     out.mkdir(parents=True, exist_ok=True)
     if points.empty:
         raise ValueError("no (trial, step) points with metrics yet: nothing to report")
-    front = front_of(points, metric)
-    volume = hypervolume(list(zip(points["attention_sparsity"], points[metric])), REFERENCE)
+    objectives = tuple(objectives)
+    columns = objective_columns(objectives, metric)
+    missing = [column for column in columns if column not in points or points[column].isna().all()]
+    if missing:
+        raise ValueError(f"the objectives {list(objectives)} need {missing}, which no trial reported")
+    if epsilon is not None and (len(epsilon) != len(objectives) or min(epsilon) < 0):
+        raise ValueError(f"epsilon needs one value >= 0 per objective {list(objectives)}, got {list(epsilon)}")
+    reference = tuple(REFERENCE[name] for name in objectives)
+    front = front_of(points, metric, objectives)
+    volume = hypervolume(list(zip(*(front[column] for column in columns))), reference)
     split, split_volume = None, None
     if evaluated is not None:
         split, column = str(evaluated.name), f"{evaluated.name}_{metric}"
         front = front.join(evaluated.rename(column), on=["trial", "step"])
         lacking = front.loc[front[column].isna(), ["trial", "step"]]
         if len(lacking):
-            missing = [tuple(row) for row in lacking.itertuples(index=False)]
-            raise ValueError(f"the {split} evaluation lacks these (trial, step) points of the front: {missing}")
-        split_volume = hypervolume(list(zip(front["attention_sparsity"], front[column])), REFERENCE)
+            missing_points = [tuple(row) for row in lacking.itertuples(index=False)]
+            raise ValueError(f"the {split} evaluation lacks these (trial, step) points of the front: {missing_points}")
+        on_split = [column if name == "accuracy" else kept for name, kept in zip(objectives, columns)]
+        split_volume = hypervolume(list(zip(*(front[c] for c in on_split))), reference)
+    shown, exact = (front, None) if epsilon is None else (epsilon_net(front, metric, objectives, epsilon), front)
     timed = points.dropna(subset=["latency_ms"])
     latency_pairs = list(zip(-timed["latency_ms"], timed[metric]))
     latency_front = timed.iloc[pareto_front(latency_pairs)].reset_index(drop=True) if len(timed) else timed
     files = {"table": out / "pareto.parquet", "plot": out / "pareto.png", "html": out / "report.html"}
-    front.to_parquet(files["table"], index=False)
-    _plot(points, front, metric, files["plot"], title)
-    _html(points, front, latency_front, metric, volume, files, title, split, split_volume)
-    return Report(points, front, volume, latency_front, files, split, split_volume)
+    shown.to_parquet(files["table"], index=False)
+    if exact is not None:
+        files["exact"] = out / "pareto-exact.parquet"
+        exact.to_parquet(files["exact"], index=False)
+    found = Report(points, shown, volume, latency_front, files, split, split_volume, exact, objectives)
+    dense = dict(dense or {})
+    write_png(points, shown, metric, dense, files["plot"], title)
+    _html(found, metric, title, dense, run_url, epsilon)
+    return found
 
 
-def _plot(points: pd.DataFrame, front: pd.DataFrame, metric: str, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(8, 5), dpi=110)
-    for strategy, group in points.groupby("strategy"):
-        for _, trial in group.groupby("trial"):
-            trial = trial.sort_values("step")
-            axis.plot(100 * trial["attention_sparsity"], trial[metric], alpha=0.25, linewidth=1, color="grey")
-        axis.scatter(100 * group["attention_sparsity"], group[metric], s=18, label=strategy, alpha=0.8)
-    ordered = front.sort_values("attention_sparsity")
-    axis.step(100 * ordered["attention_sparsity"], ordered[metric], where="pre", color="black", linewidth=1.5)
-    axis.scatter(100 * ordered["attention_sparsity"], ordered[metric], s=60, facecolors="none", edgecolors="black",
-                 label="Pareto front")
-    axis.set_xlabel("attention sparsity (%)")
-    axis.set_ylabel(metric)
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, loc="lower left")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-
-
-def _table(frame: pd.DataFrame, metric: str, split: str | None = None) -> str:
-    evaluated = [f"{split}_{metric}"] if split else []
-    columns = ["trial", "schedule", "step_ratio", "lora_rank", "step", "attention_sparsity", metric, *evaluated,
-               "latency_ms", "params"]
-    columns = [c for c in columns if c in frame]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(row[c]))}</td>" for c in columns) + "</tr>" for _, row in frame.iterrows()
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _html(points, front, latency_front, metric: str, volume: float, files: dict[str, Path], title: str,
-          split: str | None, split_volume: float | None) -> None:
-    image = base64.b64encode(files["plot"].read_bytes()).decode()
+def _html(report: Report, metric: str, title: str, dense: Mapping[str, float], run_url: str | None,
+          epsilon: Sequence[float] | None) -> None:
+    points, names = report.points, " &times; ".join(report.objectives)
     stopped = points.groupby("trial")["asha_stopped"].first().sum()
-    on_split = "" if split is None else (
-        f"The same front's models evaluated on the {html.escape(split)} split: hypervolume <b>{split_volume:.4f}</b> "
-        f"(same reference point; column {html.escape(split)}_{metric})."
+    reference = ", ".join(f"{name} {REFERENCE[name]:g}" for name in report.objectives)
+    on_split = "" if report.split is None else (
+        f" The same front's models evaluated on the {html.escape(report.split)} split: hypervolume "
+        f"<b>{report.split_hypervolume:.4f}</b> (same reference point; column {html.escape(report.split)}_{metric})."
     )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse;font-size:0.85em}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>
-<h1>{html.escape(title)}</h1>
-<p>{points['trial'].nunique()} trials ({stopped} stopped early by ASHA), {len(points)} (trial, step) points.
-Hypervolume of the accuracy&ndash;sparsity front: <b>{volume:.4f}</b> (reference point: attention sparsity 0, {metric} 0).
-{on_split}</p>
-<img src="data:image/png;base64,{image}" alt="Pareto front">
-<h2>Pareto front: {metric} up, attention sparsity up</h2>{_table(front, metric, split)}
-<h2>Latency view: {metric} up, latency down</h2>{_table(latency_front, metric)}
-</body></html>"""
-    files["html"].write_text(page)
+    dense_text = "".join(f" Dense model: {html.escape(split)} {value:.4f}." for split, value in dense.items())
+    summary = (f"{points['trial'].nunique()} trials ({stopped} stopped early by ASHA), {len(points)} (trial, step) "
+               f"points. Hypervolume of the {names} front: <b>{report.hypervolume:.4f}</b> (reference point: "
+               f"{reference}).{on_split}{dense_text}")
+    evaluated = [f"{report.split}_{metric}"] if report.split else []
+    columns = ["trial", "schedule", "step_ratio", "lora_rank", "step", "attention_sparsity", metric, *evaluated,
+               "speedup", "latency_ms", "params"]
+    sections = []
+    if report.exact_front is None:
+        sections.append((f"Pareto front: {names}", table(report.front, columns)))
+    else:
+        sections.append((f"Pareto front, epsilon-net (epsilon {', '.join(f'{e:g}' for e in epsilon)} on "
+                         f"{', '.join(report.objectives)})", table(report.front, columns)))
+        sections.append(("The exact Pareto front", table(report.exact_front, columns)))
+    sections.append((f"Latency view: {metric} up, measured latency down", table(report.latency_front, columns)))
+    figure = interactive_figure(points, report.front, metric, dense, run_url)
+    write_page(report.files["html"], title, summary, figure, report.files["plot"], sections)
 
 
 def log_report(client: MlflowClient, parent: str, report: Report, metric: str) -> None:
@@ -249,7 +255,7 @@ def log_report(client: MlflowClient, parent: str, report: Report, metric: str) -
         return
     client.log_metric(parent, f"pareto_hypervolume_{report.split}", report.split_hypervolume)
     column = f"{report.split}_{metric}"
-    for _, row in report.front.iterrows():
+    for _, row in (report.front if report.exact_front is None else report.exact_front).iterrows():
         logged = {entry.step for entry in client.get_metric_history(row["run_id"], column)}
         if int(row["step"]) not in logged:  # once per step, however often the report is rebuilt
             client.log_metric(row["run_id"], column, float(row[column]), step=int(row["step"]))
@@ -259,14 +265,20 @@ def print_front(report: Report, metric: str) -> None:
     """The front as a table on the terminal."""
     column = None if report.split is None else f"{report.split}_{metric}"
     extra = "" if column is None else f"{column:>{len(column) + 2}}"
-    print(f"{'trial':<16}{'step':>5}{'sparsity':>10}{metric:>10}{extra}{'latency ms':>12}  schedule")
+    speed = "speedup" in report.front and report.front["speedup"].notna().any()
+    speed_head = f"{'speedup':>9}" if speed else ""
+    print(f"{'trial':<16}{'step':>5}{'sparsity':>10}{metric:>10}{extra}{speed_head}{'latency ms':>12}  schedule")
     for _, row in report.front.iterrows():
         latency = "" if pd.isna(row["latency_ms"]) else f"{row['latency_ms']:.2f}"
         value = "" if column is None else f"{row[column]:>{len(column) + 2}.4f}"
+        speedup = "" if not speed else ("" if pd.isna(row["speedup"]) else f"{row['speedup']:>8.3f}x")
         print(
             f"{str(row['trial'])[:15]:<16}{row['step']:>5}"
-            f"{row['attention_sparsity']:>10.1%}{row[metric]:>10.4f}{value}{latency:>12}  {row['schedule']}"
+            f"{row['attention_sparsity']:>10.1%}{row[metric]:>10.4f}{value}{speedup}{latency:>12}  {row['schedule']}"
         )
-    print(f"hypervolume {report.hypervolume:.4f} (reference: sparsity 0, {metric} 0)")
+    if report.exact_front is not None:
+        print(f"(an epsilon-net of the exact front's {len(report.exact_front)} points: {report.files['exact']})")
+    reference = ", ".join(f"{name} {REFERENCE[name]:g}" for name in report.objectives)
+    print(f"hypervolume {report.hypervolume:.4f} (reference: {reference})")
     if column is not None:
         print(f"hypervolume of this front on {report.split}: {report.split_hypervolume:.4f} (same reference, {column})")

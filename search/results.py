@@ -20,10 +20,11 @@ from ray.tune import ExperimentAnalysis, ResultGrid
 
 from search.evaluate import evaluate_rows, step_checkpoints
 from search.report import Report, build_report, collect_points, front_of, log_report, print_front, tune_points
-from search.space import load_config
+from search.space import OBJECTIVE_SETS, load_config
 from search.tracking import MlflowTracker, fail_fast, tune_events
 
 STATE_FILE = "search.json"
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `prune-search ui` serves a local store's runs
 
 
 @dataclass(frozen=True)
@@ -80,15 +81,17 @@ def finish(results: ResultGrid, experiment: str, state: SearchState, runs_dir: P
 
 
 def report(
-    experiment: str, *, out: Path | None = None, runs_dir: Path = Path("runs"), evaluate: str | None = None
+    experiment: str, *, out: Path | None = None, runs_dir: Path = Path("runs"), evaluate: str | None = None,
+    epsilon: tuple[float, ...] | None = None,
 ) -> int:
     """Rebuild the Pareto report of a search; first send MLflow anything it is missing of Tune's results.
 
-    With `evaluate` (a split, e.g. "test"), the front's models are evaluated on it too (`evaluate_front`)."""
+    With `evaluate` (a split, e.g. "test"), the front's models are evaluated on it too (`evaluate_front`);
+    `epsilon` (one per objective) shows an epsilon-net of the front instead of the search config's."""
     state = load_state(runs_dir, experiment)
     fail_fast()
     out = out or runs_dir / experiment / "report"
-    found = _report(experiment, state, runs_dir, out, f"{experiment}: Pareto front", evaluate)
+    found = _report(experiment, state, runs_dir, out, f"{experiment}: Pareto front", evaluate, epsilon)
     if found is None:
         return 1
     print(f"report: {found.files['html'].resolve()}")
@@ -107,7 +110,7 @@ def evaluate_front(experiment: str, split: str, runs_dir: Path = Path("runs")) -
     points = tune_points(tune_events(analysis), state.metric) if analysis else pd.DataFrame()
     if points.empty:
         raise ValueError(f"{experiment}: no trial has reported a prune step in {state.experiment_dir}: no front yet")
-    front = front_of(points, state.metric)
+    front = front_of(points, state.metric, report_settings(state)["objectives"])
     column = f"{split}_{state.metric}"
     evaluated = _evaluate(front, state, analysis, split, runs_dir / experiment).rename(column)
     return front.join(evaluated, on=["trial", "step"])[["trial", "step", "attention_sparsity", state.metric, column]]
@@ -131,7 +134,8 @@ def _evaluate(front: pd.DataFrame, state: SearchState, analysis: ExperimentAnaly
 
 
 def _report(
-    experiment: str, state: SearchState, runs_dir: Path, out: Path, title: str, split: str | None = None
+    experiment: str, state: SearchState, runs_dir: Path, out: Path, title: str, split: str | None = None,
+    epsilon: tuple[float, ...] | None = None,
 ) -> Report | None:
     """Send MLflow what it lacks of Tune's results, then report from MLflow, or from Tune while MLflow is down.
 
@@ -158,9 +162,13 @@ def _report(
         print("no trial reported a prune step: no Pareto report")
         return None
     evaluated = None
+    settings = report_settings(state)
+    if epsilon is not None:
+        settings["epsilon"] = epsilon
     if split is not None:
-        evaluated = _evaluate(front_of(points, state.metric), state, analysis, split, runs_dir / experiment)
-    found = build_report(points, state.metric, out, title, evaluated)
+        evaluated = _evaluate(front_of(points, state.metric, settings["objectives"]), state, analysis, split,
+                              runs_dir / experiment)
+    found = build_report(points, state.metric, out, title, evaluated, **settings)
     if client is not None:
         log_report(client, state.parent_run, found, state.metric)
         if analysis is not None:
@@ -170,6 +178,19 @@ def _report(
             _end_parent(state, RunStatus.FAILED if failed else RunStatus.FINISHED)
     print_front(found, state.metric)
     return found
+
+
+def report_settings(state: SearchState) -> dict:
+    """`build_report`'s objectives, epsilon, dense reference lines and MLflow links for this search (searches
+    from before `objectives:` have the default ones and their eval split's dense metric only)."""
+    settings = state.settings
+    ui = state.tracking_uri if state.tracking_uri.startswith(("http://", "https://")) else UI_ADDRESS
+    return {
+        "objectives": tuple(settings.get("objectives", OBJECTIVE_SETS[0])),
+        "epsilon": settings.get("epsilon"),
+        "dense": settings.get("dense_splits") or {"validation": settings["dense"]},
+        "run_url": f"{ui.rstrip('/')}/#/experiments/{state.mlflow_experiment}/runs/{{run_id}}",
+    }
 
 
 def _analysis(state: SearchState) -> ExperimentAnalysis | None:

@@ -7,6 +7,7 @@ What a search leaves behind, and its report, are in `results`.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import replace
@@ -20,6 +21,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from data_prep.loader import make_loader, read_manifest
 from prune_core.metrics import METRIC_NAME
+from search.baseline import RECORD as BASELINE_RECORD
 from search.results import SearchState, finish, load_state, save_state
 from search.schedulers import StepBudget, build_scheduler
 from search.searchers import build_searcher, trial_count
@@ -54,6 +56,7 @@ def run(config: SearchConfig, *, address: str | None = None, runs_dir: Path = Pa
         {"config": config.source, "baseline": config.baseline, "data": config.data,
          f"dense_{metric}": settings.dense_metric, "target_sparsity": config.target_sparsity,
          "schedule": config.schedule, "trials": trial_count(config), "objective": config.objective,
+         "objectives": ",".join(config.objectives),
          "multi_objective": config.multi_objective,
          "searcher": config.searcher, "scheduler": config.scheduler, **warm_params},
     )
@@ -66,7 +69,9 @@ def run(config: SearchConfig, *, address: str | None = None, runs_dir: Path = Pa
         mlflow_experiment=mlflow_experiment,
         parent_run=parent,
         metric=metric,
-        settings={"dense": settings.dense_metric, "objective": config.objective},
+        settings={"dense": settings.dense_metric, "objective": config.objective, "objectives": list(config.objectives),
+                  "epsilon": None if config.epsilon is None else list(config.epsilon),
+                  "dense_splits": dense_splits(config, settings.dense_metric)},
     )
     save_state(runs_dir, config.experiment, state)
     tuner = tune.Tuner(
@@ -133,7 +138,26 @@ def _check_inputs(config: SearchConfig) -> dict:
                 f"{config.source}: baseline {config.baseline!r} has no config.json; train one with "
                 "`prune-search baseline` or give a save_pretrained directory"
             )
+    if config.latency_table:
+        _check_latency_table(config)
     return manifest
+
+
+def _check_latency_table(config: SearchConfig) -> None:
+    """The table must cover the baseline's layers at `speedup_at`: checked before Ray starts, so that a table that
+    cannot serve fails here and not in every trial. Its device is checked where trials run (the driver may be a
+    CPU head of a GPU cluster)."""
+    from prune_core.adapters import attention_sites
+    from prune_core.latency_model import layer_latency, load_table
+    from prune_core.models import load_model
+
+    at = config.speedup_at
+    try:
+        table = load_table(config.latency_table)
+        for site in attention_sites(load_model(config.baseline)):
+            layer_latency(table, site.shape, tokens=at.tokens, batch=at.batch)
+    except ValueError as error:
+        raise ConfigError(f"{config.source}: latency_table: {config.latency_table}: {error}") from error
 
 
 def _mlflow_experiment(client: MlflowClient, name: str, runs_dir: Path) -> str:
@@ -167,6 +191,15 @@ def _settings(config: SearchConfig, manifest: dict, dense: float) -> TrialSettin
         data=str(Path(config.data).resolve()),
     )
     return TrialSettings(search=search, task=manifest["task"], dense_metric=dense)
+
+
+def dense_splits(config: SearchConfig, dense: float) -> dict[str, float]:
+    """The dense model's metric on each split known (the report's reference lines): the search's eval split as
+    measured, and the others its training recorded (`search.baseline`'s record; a hub model has none)."""
+    record = Path(config.baseline) / BASELINE_RECORD
+    known = json.loads(record.read_text()) if record.is_file() else {}
+    splits = {split: float(known[split]) for split in ("validation", "test") if isinstance(known.get(split), (int, float))}
+    return {**splits, config.eval_split: dense}
 
 
 def _dense_metric(settings: TrialSettings) -> float:

@@ -24,11 +24,12 @@ from ray import tune
 from data_prep.loader import make_loader, soft_target_loss
 from prune_core import load_model
 from prune_core.accounting import latency_ms, layer_sparsity
+from prune_core.latency_model import load_table, predicted_speedup
 from prune_core.finetune import LoraSettings
 from prune_core.metrics import METRIC_NAME, evaluate
 from prune_core.session import PruningSession, SessionConfig, Strategy, steps_to_target
-from search.pareto import OBJECTIVES
-from search.space import SearchConfig
+from search.schedulers import curve_entry, trial_area
+from search.space import OPTIONAL_SPACE_KEYS, SearchConfig
 
 CURVE_FILE = "curve.json"
 SEGMENT_FILE = "segment.json"  # which trial and segment wrote a checkpoint
@@ -70,7 +71,8 @@ def session_config(config: dict, settings: TrialSettings) -> SessionConfig:
     search = settings.search
     ratio = float(config["step_ratio"])
     return SessionConfig(
-        strategy=Strategy(config["granularity"], config["scorer"], config["threshold"]),
+        strategy=Strategy(config["granularity"], config["scorer"], config["threshold"],
+                          int(config.get("min_heads", OPTIONAL_SPACE_KEYS["min_heads"]))),
         step_ratio=ratio,
         steps=steps_to_target(ratio, search.target_sparsity, search.schedule),
         schedule=search.schedule,
@@ -103,6 +105,8 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
         "evaluation": make_loader(search.data, search.eval_split, search.loader, train=False),
         "loss_fn": soft_target_loss,
     }
+    # the speed objective: predicted from the device's latency table, the same on every node of a type
+    table = load_table(search.latency_table) if search.latency_table else None
     trial_id = tune.get_context().get_trial_id()
     segment = {"trial_id": trial_id, "segment": int(config.get("segment", 0)), "cloned_from": config.get("cloned_from", "")}
     checkpoint = tune.get_checkpoint()
@@ -123,9 +127,9 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     else:
         model = load_model(search.baseline).to(device)
         session = PruningSession(model, session_config(config, settings), **sources)
-        curve = [(0.0, settings.dense_metric)]
+        dense = {"attention_sparsity": 0.0, settings.metric_name: settings.dense_metric, "speedup": 1.0}
+        curve = [curve_entry(search, dense, settings.metric_name)]
     for result in session:
-        curve.append((result.attention_sparsity, result.metric))
         final = session.step == session.end_step
         metrics = {
             settings.metric_name: result.metric,
@@ -138,7 +142,6 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
             "latency_ms": latency_ms(session.model, repeats=search.latency_repeats),
             "step": result.step,
             "seconds": result.seconds,
-            "area": OBJECTIVES[search.objective](curve, search.target_sparsity),
             "final": final,
             "layers": json.dumps(result.layers),
             "layer_sparsity": json.dumps(layer_sparsity(session.model)),
@@ -148,6 +151,11 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
             "lineage": json.dumps([record["strategy"] for record in session.history]),
             "ragged_heads": any("qk_dims" in layer for layer in result.layers),
         }
+        if table is not None:
+            at = search.speedup_at
+            metrics["speedup"] = predicted_speedup(session.model, table, tokens=at.tokens, batch=at.batch)
+        curve.append(curve_entry(search, metrics, settings.metric_name))
+        metrics["area"] = trial_area(search, curve, search.target_sparsity)
         if final:
             test = make_loader(search.data, "test", search.loader, train=False)
             metrics[f"test_{settings.metric_name}"] = evaluate(session.model, test, settings.task)[settings.metric_name]

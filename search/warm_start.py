@@ -24,7 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 from search.results import SearchState, load_state
 from search.schedulers import ASHA_METRIC
 from search.searchers import SearchPlan, optuna_distributions
-from search.space import ConfigError, SearchConfig
+from search.space import OBJECTIVE_SETS, ConfigError, SearchConfig, objective_keys
 from search.tracking import SEGMENT_TAG, STOPPED_TAG, fail_fast, tune_events
 
 TrialState = optuna.trial.TrialState
@@ -66,7 +66,13 @@ def tell_earlier_trials(warm: WarmStart, plan: SearchPlan, config: SearchConfig,
             f"--warm-start {warm.experiment}: that search ranked trials on objective: {earlier}, this one on "
             f"{config.objective}; their values do not compare (set objective: {earlier} to reuse its trials)"
         )
-    objectives = (metric, "attention_sparsity") if config.multi_objective else (ASHA_METRIC,)
+    ranked = tuple(state.settings.get("objectives", OBJECTIVE_SETS[0]))  # searches before `objectives:` had these
+    if ranked != config.objectives:
+        raise ConfigError(
+            f"--warm-start {warm.experiment}: that search's objectives were {list(ranked)}, this one's are "
+            f"{list(config.objectives)}; their values do not compare (set objectives: {list(ranked)} to reuse its trials)"
+        )
+    objectives = objective_keys(config.objectives, metric) if config.multi_objective else (ASHA_METRIC,)
     told = tell(study_of(plan), optuna_distributions(config), earlier_trials(state), objectives, warm)
     print(f"warm start: told the study {told} trials of {warm.experiment}")
     return {"warm_start": warm.experiment, "warm_start_trials": told}
