@@ -51,6 +51,7 @@ METRIC_KEYS = (
     "attention_params",
     "macs",
     "latency_ms",
+    "speedup",
     "seconds",
     "area",
 )

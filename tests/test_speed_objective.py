@@ -67,3 +67,35 @@ def test_a_table_that_does_not_cover_the_input_size_is_refused_before_ray_starts
     _check_latency_table(speed_config(workspace, table, "covered"))
     with pytest.raises(ConfigError, match=r"latency_table: .*tokens 146"):
         _check_latency_table(speed_config(workspace, table, "uncovered", speedup_at={"tokens": 146, "batch": 1}))
+
+
+def test_a_speed_search_tracks_speedup_and_reports_an_accuracy_speed_front(workspace, table, monkeypatch):  # noqa: F811
+    """End to end on local Ray: every step's speedup reaches MLflow, and the report's front is over (accuracy,
+    speedup), drawn against speedup too, with the dense model as reference."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from search.pareto import dominates
+    from search.runner import run
+    from search.tracking import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = workspace / "runs-speed"
+    config = speed_config(workspace, table, "speed-e2e", trials=2, scheduler="none", points_to_evaluate=[],
+                          space={"granularity": ["entire_head", "per_head"], "scorer": ["magnitude"],
+                                 "threshold": ["global"], "step_ratio": 0.3, "lora_rank": 2, "lora_alpha": 8,
+                                 "lr": 1e-3, "epochs": 1})
+    assert run(config, runs_dir=runs) == 0
+    client = MlflowClient(tracking_uri(runs))
+    experiment = client.get_experiment_by_name("speed-e2e")
+    children = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2
+    for child in children:
+        speedups = client.get_metric_history(child.info.run_id, "speedup")
+        accuracies = client.get_metric_history(child.info.run_id, "accuracy")
+        assert [m.step for m in speedups] == [m.step for m in accuracies] == [1, 2]
+    front = pd.read_parquet(runs / "speed-e2e" / "report" / "pareto.parquet")
+    pairs = list(zip(front["accuracy"], front["speedup"]))
+    assert not any(dominates(a, b) for a in pairs for b in pairs) and front["speedup"].notna().all()
+    page = (runs / "speed-e2e" / "report" / "report.html").read_text()
+    assert "predicted speedup" in page and "dense, validation" in page
