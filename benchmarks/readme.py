@@ -30,6 +30,7 @@ TABLES = {
     "latency-summary": ("latency", "summary_markdown", "latency-cpu.json"),
     "latency": ("latency", "markdown", "latency-cpu.json"),
     "latency-recheck": ("latency", "markdown", "latency-cpu-recheck.json"),
+    "depth_vs_width": ("depth_vs_width", "markdown", "depth_vs_width-cpu.json"),
 }
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n).*?(<!-- /table -->)", re.S)
 
