@@ -31,6 +31,7 @@ TABLES = {
     "latency": ("latency", "markdown", "latency-cpu.json"),
     "latency-recheck": ("latency", "markdown", "latency-cpu-recheck.json"),
     "depth_vs_width": ("depth_vs_width", "markdown", "depth_vs_width-cpu.json"),
+    "speed_search": ("speed_search", "markdown", "speed_search-cpu.json"),
 }
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n).*?(<!-- /table -->)", re.S)
 
