@@ -41,7 +41,7 @@ CLOCKS = {"cpu": "times are the thread's CPU time", "wall": "times are wall-cloc
 INPUTS = "146x1,146x8,1214x1"  # tokens x batch: SpeechCommands at batch 1 and 8, AudioSet at batch 1
 QUICK_SHAPE = ASTShape(**{key: QUICK[key] for key in ("hidden_size", "num_heads", "num_layers", "intermediate_size",
                                                       "num_mel_bins", "num_labels")})
-QUICK_ARGS = {"inputs": "8x1,8x2", "sparsities": "0.3,0.7", "rounds": 3, "profile_rounds": 3,
+QUICK_ARGS = {"inputs": "8x1,8x2", "sparsities": "0.3,0.7", "rounds": 3, "profile_rounds": QUICK["rounds"],
               "min_sample_s": QUICK["min_sample_s"]}
 
 
@@ -57,7 +57,8 @@ def share_unpruned(pruned: nn.Module, dense: nn.Module) -> nn.Module:
     return pruned
 
 
-def build_models(shape: ASTShape, tokens: int, granularities: list[str], sparsities: list[float]) -> dict[tuple, nn.Module]:
+def build_models(shape: ASTShape, tokens: int, granularities: list[str],
+                 sparsities: list[float]) -> dict[tuple, nn.Module]:
     """The dense AST at `tokens` tokens and its one-shot pruned copies, keyed (granularity, target)."""
     torch.manual_seed(0)
     dense = transformers.ASTForAudioClassification(shape.config(tokens)).eval()
@@ -148,8 +149,8 @@ def run(args: argparse.Namespace) -> dict:
     pruned = [p for p in results["points"] if p["granularity"] != DENSE]
     pairs = sorted({(p["tokens"], p["batch"]) for p in pruned})
     results["summary"] = {
-        "by_input": [{"tokens": t, "batch": b, **errors_summary([p for p in pruned if (p["tokens"], p["batch"]) == (t, b)])}
-                     for t, b in pairs],
+        "by_input": [{"tokens": t, "batch": b,
+                      **errors_summary([p for p in pruned if (p["tokens"], p["batch"]) == (t, b)])} for t, b in pairs],
         "overall": errors_summary(pruned),
         "by_granularity": {g: errors_summary([p for p in pruned if p["granularity"] == g]) for g in args.granularities},
     }
@@ -180,7 +181,8 @@ def markdown(results: dict) -> str:
     def figures(s: dict, bold: bool = False) -> tuple:
         mark = "**" if bold else ""
         return (f"{mark}{s['median_abs_error']:.1%}{mark}", f"{mark}{s['p90_abs_error']:.1%}{mark}",
-                f"{s['max_abs_error']:.1%}", f"{s['median_abs_speedup_error']:.1%}", f"{s['p90_abs_speedup_error']:.1%}")
+                f"{s['max_abs_error']:.1%}", f"{s['median_abs_speedup_error']:.1%}",
+                f"{s['p90_abs_speedup_error']:.1%}")
 
     lines = [
         f"{env['device_name']} ({results['settings']['threads']} torch thread(s), "
@@ -252,6 +254,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown granularity: {', '.join(unknown)} (known: {', '.join(GRANULARITY_NAMES)})")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu times the calling thread: it needs --threads 1 (or use --clock wall)")
     args.out = args.out or RESULTS / f"latency_model-cpu{'-quick' if args.quick else ''}.json"
     return args
 

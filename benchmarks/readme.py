@@ -32,6 +32,7 @@ TABLES = {
     "latency-recheck": ("latency", "markdown", "latency-cpu-recheck.json"),
     "depth_vs_width": ("depth_vs_width", "markdown", "depth_vs_width-cpu.json"),
     "speed_search": ("speed_search", "markdown", "speed_search-cpu.json"),
+    "latency_model": ("latency_model", "markdown", "latency_model-cpu.json"),
 }
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n).*?(<!-- /table -->)", re.S)
 

@@ -11,7 +11,7 @@ shapes (heads x Q/K dim x V dim, a few ragged layers, the headless layer) and a 
   (every head at the cell's Q/K and V dims), per ragged layer, and headless (0 heads: O's bias only).
 - fixed: what does not repeat per layer (patch embedding, final layernorm, head): the stock
   transformers AST with zero layers.
-- rest and attention_scale: fitted by least squares on "anchors", whole models whose layers all have
+- rest and attention_scale: fitted (a robust line) on "anchors", whole models whose layers all have
   one shape (dense, half the heads, half the dims, a third of the heads at half the dims). A layer's
   attention costs more inside the model than alone (at 146 tokens, batch 1 on CPU, about 1.5x: its
   weights are no longer in cache when it runs); taking the rest of a block as the dense model minus its
@@ -35,9 +35,11 @@ A table is refused for another device or dtype (`LatencyTableError`); another to
 torch thread count on CPU, only warns (`LatencyTableWarning`): kernels and threads change speed, not
 what the model computes, and a user may knowingly reuse a table.
 
-Times are wall-clock by default. On a CPU shared with other jobs, wall time follows their load (it moved
-by 15-30% between minutes on a 2-core machine at load 5-6); a table profiled with one torch thread and
-`clock="cpu"` holds the thread's CPU time instead, what a forward costs when it is not kept waiting.
+Times are wall-clock by default. On a CPU shared with other jobs, wall time follows their load; a table
+profiled with one torch thread and `clock="cpu"` holds the thread's CPU time instead, which leaves out
+the waiting for other processes (cell spreads fell from 20-50% to about 4% on a 2-core VM at load 5).
+It still counts what the host of a VM takes: there, even CPU time moved by 20-40% within minutes, and a
+table holds the speed the machine had while it was profiled.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ ATTENTION_SCALE = (1.0, 3.0)  # in-model / alone cost of attention: a fit outsid
 
 
 class LatencyTableError(ValueError):
-    """A latency table that cannot answer: another device, architecture or dtype, or shapes outside its grid."""
+    """A latency table that cannot answer (another device, architecture or dtype, shapes outside its grid), or
+    a profile too noisy to make one."""
 
 
 class LatencyTableWarning(UserWarning):
@@ -123,7 +126,7 @@ class ASTShape:
 
 QUICK = {  # `--quick`: the tests' tiny AST (tests/conftest.py), seconds on a CPU
     "tokens": (8,), "batches": (1, 2), "hidden_size": 32, "num_heads": 4, "num_layers": 2, "intermediate_size": 64,
-    "num_mel_bins": 32, "num_labels": 5, "rounds": 3, "min_sample_s": 0.005,
+    "num_mel_bins": 32, "num_labels": 5, "rounds": 5, "min_sample_s": 0.01,
 }
 
 
@@ -213,6 +216,12 @@ def _clock(clock: str, device: torch.device, threads: int) -> Callable[[], float
     return time.thread_time
 
 
+def _pooled(first: dict, second: dict) -> dict:
+    """The timing of one call from two of its entries in a round-robin (e.g. twice a round)."""
+    pooled = _stats(first["samples"] + second["samples"], first["number"])
+    return pooled | ({"remeasured": True} if "remeasured" in first or "remeasured" in second else {})
+
+
 def _stats(samples: list[float], number: int) -> dict:
     q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive")
     return {"ms": median, "q1": q1, "q3": q3, "spread": (q3 - q1) / median, "number": number, "samples": samples}
@@ -278,9 +287,15 @@ def profile(
 ) -> dict:
     """Measure the latency table of this machine's `device` for an AST (default: AST-base, `ASTConfig()`'s
     sizes) at every (tokens, batch) a CPU can afford (tokens x batch <= `CPU_TOKENS_PER_CALL`; on GPU every
-    pair). `heads` and `dims` are the attention grid (default: `HEADS`, `DIMS` up to the architecture's),
-    `threads` the torch threads to measure with (default: as set), `clock` "wall" or, for one thread on a
-    shared CPU, "cpu" (see `measure_interleaved`). Returns the table (a JSON-ready dict, see `save_table`)."""
+    pair). Returns the table (a JSON-ready dict, see `save_table`).
+
+    Every round times the attention layers once and the whole models twice, as two blocks half a round
+    apart: the anchors the fit compares are timed seconds apart, and in the same minutes as the layers
+    they calibrate (on a shared machine, its speed moves from minute to minute). `heads` and `dims` are the
+    attention grid (default: `HEADS`, `DIMS` up to the architecture's), `threads` the torch threads to
+    measure with (default: as set), `clock` "wall" or, for one thread on a shared CPU, "cpu" (see
+    `measure_interleaved`).
+    """
     started = time.perf_counter()
     device_ = _profiled_device(device)
     shape = ASTShape(hidden_size, num_heads, num_layers, intermediate_size, num_mel_bins, num_labels)
@@ -302,13 +317,18 @@ def profile(
     try:
         _clock(clock, device_, torch.get_num_threads())  # before minutes of set-up
         calls, cells = _profile_calls(shape, pairs, heads, dims, device_, dtype)
-        stats = {}
-        for what, kinds in (("attention layers", {"attention"}), ("whole models", {"fixed", "model"})):
-            passed = {name: call for name, call in calls.items() if cells[name][0] in kinds}
-            if progress:
-                progress(f"timing {len(passed)} {what} on {device_name(device_)}, {rounds} interleaved rounds")
-            stats |= measure_interleaved(passed, device=device_, rounds=rounds, min_sample_s=min_sample_s,
-                                         max_spread=max_spread, clock=clock, progress=progress)
+        layers = [name for name in calls if cells[name][0] == "attention"]
+        models = [name for name in calls if cells[name][0] != "attention"]
+        half = len(layers) // 2
+        ordered = {**{f"{name} #1": calls[name] for name in models}, **{name: calls[name] for name in layers[:half]},
+                   **{f"{name} #2": calls[name] for name in models}, **{name: calls[name] for name in layers[half:]}}
+        if progress:
+            progress(f"timing {len(layers)} attention layers and {len(models)} whole models (twice a round) on "
+                     f"{device_name(device_)}, {rounds} interleaved rounds")
+        timed = measure_interleaved(ordered, device=device_, rounds=rounds, min_sample_s=min_sample_s,
+                                    max_spread=max_spread, clock=clock, progress=progress)
+        stats = {name: timed[name] for name in layers}
+        stats |= {name: _pooled(timed[f"{name} #1"], timed[f"{name} #2"]) for name in models}
         used_threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous_threads)
@@ -379,14 +399,15 @@ def _with_attention(dense: nn.Module, layer: LayerShape, device: torch.device, d
     return model.eval()
 
 
-def _profile_calls(shape: ASTShape, pairs: list[tuple[int, int]], heads: tuple[int, ...], dims: tuple[int, ...],
-                   device: torch.device, dtype: torch.dtype) -> tuple[dict[str, Callable[[], object]], dict[str, tuple]]:
+def _profile_calls(
+    shape: ASTShape, pairs: list[tuple[int, int]], heads: tuple[int, ...], dims: tuple[int, ...],
+    device: torch.device, dtype: torch.dtype,
+) -> tuple[dict[str, Callable[[], object]], dict[str, tuple]]:
     """Every call to time, by name, and what each is: ("attention", pair, qk_dims, v_dims), ("fixed", pair) or
     ("model", pair, heads, head dim).
 
     The whole models are the stock transformers AST with zero layers (`fixed`), and with every layer's
-    attention a `PrunedAttention` of an anchor shape (`model`; the first anchor is the dense model); they
-    are timed in a pass of their own, so that the anchors the fit compares are timed seconds apart. The
+    attention a `PrunedAttention` of an anchor shape (`model`; the first anchor is the dense model). The
     attention cells take the dense model's config, so its attention kernel.
     """
     torch.manual_seed(0)
@@ -464,26 +485,30 @@ def _assemble(shape: ASTShape, pairs: list[tuple[int, int]], heads: tuple[int, .
     return {"attention": attention, "parts": parts, "ragged": ragged}
 
 
-def _calibrate(anchors: list[dict], fixed_ms: float, layers: int, pair: tuple[int, int]) -> tuple[float, float, float]:
-    """Least squares (rest, scale) in model = fixed + layers x (rest + scale x attention alone), over the anchors;
-    returns rest, the scale clipped to `ATTENTION_SCALE`, and the scale as fitted.
+def _calibrate(anchors: list[dict], fixed_ms: float, layers: int,
+               pair: tuple[int, int]) -> tuple[float, float, float | None]:
+    """(rest, scale) in model = fixed + layers x (rest + scale x attention alone), fitted on the anchors;
+    returns rest, the scale clipped to `ATTENTION_SCALE`, and the scale as fitted (None: not fitted).
 
     An attention layer costs more inside the model than alone (its weights are no longer in cache when it
-    runs): `scale` is that factor, and `rest` what a block costs besides its attention. A fit below 1 is
-    noise (where attention is a sliver of the model, as in a tiny one), and 1 is taken. With one anchor
-    (a one-head architecture), scale is 1 and rest the dense model minus its attention.
+    runs): `scale` is that factor, and `rest` what a block costs besides its attention. The fit is Siegel's
+    repeated median (per anchor the median slope to the others, then their median; the rest a median too),
+    so one anchor hit by a burst does not move it. Where the anchors' attention spans less than the whole
+    models' own spread (attention is a sliver of a tiny model), or there is one anchor, no slope can be
+    told from noise and the scale is 1; a fitted scale outside `ATTENTION_SCALE` is clipped.
     """
     xs = [layers * a["attention_ms"] for a in anchors]
     ys = [a["ms"] - fixed_ms for a in anchors]
-    fitted = 1.0
-    if len(anchors) > 1:
-        x_mean, y_mean = statistics.fmean(xs), statistics.fmean(ys)
-        fitted = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys)) / sum((x - x_mean) ** 2 for x in xs)
-    scale = min(ATTENTION_SCALE[1], max(ATTENTION_SCALE[0], fitted))
-    rest = (statistics.fmean(ys) - scale * statistics.fmean(xs)) / layers
+    noise = statistics.median(a["spread"] * a["ms"] for a in anchors)
+    fitted = None
+    if max(xs) - min(xs) > noise:
+        fitted = statistics.median(statistics.median((y2 - y1) / (x2 - x1) for x2, y2 in zip(xs, ys) if x2 != x1)
+                                   for x1, y1 in zip(xs, ys))
+    scale = 1.0 if fitted is None else min(ATTENTION_SCALE[1], max(ATTENTION_SCALE[0], fitted))
+    rest = statistics.median(y - scale * x for x, y in zip(xs, ys)) / layers
     if rest <= 0:
         models, alone = (", ".join(f"{value:.1f}" for value in values) for values in ([a["ms"] for a in anchors], xs))
-        raise RuntimeError(
+        raise LatencyTableError(
             f"at {pair[0]} tokens, batch {pair[1]}: the whole models ({models} ms) cost less than their attention "
             f"layers ({alone} ms alone); the machine was too noisy: profile again (more rounds, a quieter machine, "
             "one thread with clock='cpu')"
@@ -623,13 +648,15 @@ def _read(table: Mapping, source: str = "the latency table") -> _Table:
             if cell["heads"] == 0:
                 headless[pair] = _positive_ms(cell["ms"], source, "headless attention", pair)
             else:
-                cells[pair][cell["heads"], cell["qk_dim"], cell["v_dim"]] = _positive_ms(cell["ms"], source, "attention", pair)
+                key = (cell["heads"], cell["qk_dim"], cell["v_dim"])
+                cells[pair][key] = _positive_ms(cell["ms"], source, "attention", pair)
         grid_keys = {(n, q, v) for n in heads for q in dims for v in dims}
         for pair in pairs:
             missing = sorted(grid_keys - set(cells[pair]))
             if missing or pair not in headless:
                 what = f"(heads, qk_dim, v_dim) {missing[:3]}" if missing else "the headless cell (heads 0)"
-                raise LatencyTableError(f"{source}: attention at {pair} lacks {what}{' ...' if len(missing) > 3 else ''}")
+                more = " ..." if len(missing) > 3 else ""
+                raise LatencyTableError(f"{source}: attention at {pair} lacks {what}{more}")
         parts = {(p["tokens"], p["batch"]): p for p in table["parts"]}
         if set(parts) != set(pairs):
             raise LatencyTableError(f"{source}: parts cover {sorted(parts)}, pairs are {sorted(pairs)}")

@@ -105,15 +105,21 @@ def test_attention_inside_the_model_is_its_time_alone_times_the_scale():
 
 
 def test_the_anchor_fit_recovers_rest_and_scale_and_keeps_the_scale_physical():
-    # whole models = fixed 5 + 12 x (rest 20 + scale 1.5 x attention alone) for attention alone 8, 4, 2 ms
-    anchors = [{"attention_ms": a, "ms": 5 + 12 * (20 + 1.5 * a)} for a in (8.0, 4.0, 2.0)]
+    # whole models = fixed 5 + 12 x (rest 20 + scale 1.5 x attention alone) for attention alone 8, 6, 4, 2 ms
+    anchors = [{"attention_ms": a, "ms": 5 + 12 * (20 + 1.5 * a), "spread": 0.02} for a in (8.0, 6.0, 4.0, 2.0)]
     rest, scale, fitted = _calibrate(anchors, 5.0, 12, (146, 1))
     assert (rest, scale, fitted) == pytest.approx((20.0, 1.5, 1.5))
-    # a model that does not grow with its attention (noise): scale 1, rest the mean of what is left
-    flat = [{"attention_ms": a, "ms": 5 + 12 * 30} for a in (8.0, 4.0, 2.0)]
+    # one anchor of four 30% off (a burst): the repeated median still finds the line of the other three
+    anchors[0]["ms"] *= 1.3
+    assert _calibrate(anchors, 5.0, 12, (146, 1)) == pytest.approx((20.0, 1.5, 1.5))
+    # a model that does not grow with its attention (noise): scale 1, rest the median of what is left
+    flat = [{"attention_ms": a, "ms": 5 + 12 * 30, "spread": 0.02} for a in (8.0, 4.0, 2.0)]
     rest, scale, fitted = _calibrate(flat, 5.0, 12, (146, 1))
     assert (scale, fitted) == (1.0, pytest.approx(0.0))
-    assert rest == pytest.approx(30 - (8 + 4 + 2) / 3)
+    assert rest == pytest.approx(30 - 4)
+    # the anchors' attention spans 12 x (8 - 2) = 72 ms, less than their spread (half of ~335 ms): no slope
+    noisy = [{**a, "spread": 0.5} for a in anchors]
+    assert _calibrate(noisy, 5.0, 12, (146, 1))[1:] == (1.0, None)
 
 
 def test_a_pruned_model_is_predicted_faster_and_the_dense_speedup_is_one():
@@ -230,7 +236,8 @@ def test_profile_quick_through_the_cli_writes_a_table_the_tiny_ast_can_use(tmp_p
     out = tmp_path / "table.json"
     threads = torch.get_num_threads()
     try:
-        assert main(["profile", "--device", "cpu", "--quick", "--threads", "1", "--clock", "cpu", "--out", str(out)]) == 0
+        command = ["profile", "--device", "cpu", "--quick", "--threads", "1", "--clock", "cpu", "--out", str(out)]
+        assert main(command) == 0
         table = load_table(out)
         torch.set_num_threads(1)
         with warnings.catch_warnings():
