@@ -125,12 +125,13 @@ def tune_steps(storage: Path) -> dict[str, list[int]]:
 
     Tune logs a trial twice, to result.json and progress.csv, and neither is a complete record once a node dies:
     after a trial restarts on another node result.json can lose the rows written before the failure (seen: step 1
-    gone, progress.csv whole), and both logs can lose rows when Tune restores the trial's log folder (seen: steps
-    1 then 3 across the node change; and once 1, then 2 and 5 on the new node). So the record is the union of
-    the two logs, a log may skip steps, and only its order is checked: steps rise, and a step is done again only where the node changed (its checkpoint
-    was not held yet when the node died; MLflow holds it once). MLflow, fed by the driver's callback, is the record
-    `assert_complete` holds to every step. Under population-based training a trial's log holds its segments one
-    after the other (each clone restarts the step count from the step it was cloned at).
+    gone, progress.csv whole), and both logs can lose rows when Tune restores the trial's log folder (seen: steps 1
+    then 3 across the node change; and once 1, then 2 and 5 on the new node). So the record is the union of the two
+    logs, a log may skip steps, and only its order is checked: steps rise, and a step is done again only where the
+    node changed (its checkpoint was not held yet when the node died; MLflow holds it once). MLflow, fed by the
+    driver's callback, is the record `assert_complete` holds to every step. Under population-based training a
+    trial's log holds its segments one after the other (each clone restarts the step count from the step it was
+    cloned at).
     """
     record: dict[str, set[int]] = {}
     for results in storage.glob("*/*/result.json"):
