@@ -8,7 +8,7 @@ import pytest
 from benchmarks import readme
 from benchmarks.common import print_from_json
 from benchmarks.paper_proxy import compare, layer_summary
-from benchmarks.search_efficiency import METHODS, TASKS, grid_budget, hypervolume_curve, parse_args, search_config, summarize
+from benchmarks.search_efficiency import METHODS, STEP_COST, TASKS, grid_budget, hypervolume_curve, parse_args, search_config, summarize
 from search.space import load_config
 
 
@@ -45,6 +45,19 @@ def test_protocol_summary_duels_each_method_with_the_same_seeds_grid():
     assert summary["methods"]["ast/pbt"]["median_steps_to_grid"] == 3
 
 
+def test_a_method_with_costlier_steps_is_counted_in_grid_steps():
+    """A step that trains 3x the grid's LoRA batches counts 3 grid steps; its front is complete at the last."""
+    dense = {"validation": 0.9, "test": 0.88}
+    grid = {"task": "ast", "method": "grid", "seed": 0, "seconds": 60, "budget": 6, "dense": dense,
+            "steps": [step(0.4, 0.80, 0.80)] * 6}
+    deep = {"task": "ast", "method": "pbt_deep", "seed": 0, "seconds": 60, "budget": 6, "step_cost": 3, "dense": dense,
+            "steps": [step(0.4, 0.75, 0.75), step(0.4, 0.85, 0.84)]}
+    figures = {f["method"]: f for f in summarize([grid, deep])["runs"]}
+    assert figures["pbt_deep"]["curve"] == pytest.approx([0, 0, 0.4 * 0.05, 0.4 * 0.05, 0.4 * 0.05, 0.4 * 0.15])
+    assert figures["pbt_deep"]["steps_run"] == 6 and figures["pbt_deep"]["steps_to_grid"] == 6
+    assert figures["grid"]["steps_to_grid"] == 1
+
+
 def test_protocol_runs_are_valid_searches_at_the_grids_budget(tmp_path):
     """Every (task, method) of the protocol is a search the product accepts, with the grid's step budget."""
     assert (grid_budget(TASKS["ast"].target), grid_budget(TASKS["vit"].target)) == (96, 108)
@@ -52,8 +65,9 @@ def test_protocol_runs_are_valid_searches_at_the_grids_budget(tmp_path):
     for name, task in TASKS.items():
         for method in METHODS:
             config = load_config(search_config(name, task, method, 3, args, tmp_path, grid_budget(task.target)))
-            assert (config.step_budget, config.seed, config.target_sparsity) == (grid_budget(task.target), 3, task.target)
-            assert config.objective == "staircase" and config.train_batches_per_step == args.train_batches
+            cost = STEP_COST.get(method, 1)  # the budget is the grid's LoRA batches
+            assert (config.step_budget, config.seed, config.target_sparsity) == (grid_budget(task.target) // cost, 3, task.target)
+            assert config.objective == "staircase" and config.train_batches_per_step == args.train_batches * cost
             assert (config.searcher, config.scheduler) == (METHODS[method]["searcher"], METHODS[method]["scheduler"])
     grid = load_config(search_config("ast", TASKS["ast"], "grid", 0, args, tmp_path, 96))
     assert [len(p.choices) for p in grid.space] == [3, 2, 2, 1, 1, 1, 1, 1], "12 strategies, one recipe"
