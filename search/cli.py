@@ -13,10 +13,10 @@ from prune_core import GRANULARITIES, SCORERS, THRESHOLDS
 
 def _prune(args: argparse.Namespace) -> int:
     """Prune a saved model once with a scorer that needs no data, and save it with save_pruned."""
-    from prune_core import attention_sparsity, load_model, load_pruned, macs_per_sample, prune, save_pruned, total_params
+    from prune_core import attention_sparsity, macs_per_sample, prune, save_pruned, total_params
+    from search.deploy import load_saved
 
-    source = Path(args.model)
-    model = load_pruned(source) if (source / "pruning.json").is_file() else load_model(args.model)
+    model = load_saved(args.model)
     before = (total_params(model), macs_per_sample(model))
     prune(model, granularity=args.granularity, scorer=args.scorer, threshold=args.threshold, amount=args.amount)
     save_pruned(model, args.out)
@@ -25,6 +25,23 @@ def _prune(args: argparse.Namespace) -> int:
         f"attention sparsity {attention_sparsity(model):.1%}; params {before[0]:,} -> {after[0]:,}; "
         f"MACs/sample {before[1]:,} -> {after[1]:,}; saved to {args.out}"
     )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Export a saved model to ONNX and check its logits in ONNX Runtime against PyTorch's."""
+    from prune_core import attention_sparsity
+    from prune_core.export import ExportError
+    from search.deploy import PARITY_TOLERANCE, export_checked, load_saved
+
+    model = load_saved(args.model)
+    try:
+        worst = export_checked(model, args.out, tokens=args.tokens, opset=args.opset)
+    except ExportError as error:
+        raise ValueError(f"{args.model}: {error}") from error
+    size = Path(args.out).stat().st_size / 2**20
+    print(f"wrote {args.out} ({size:.1f} MiB, opset {args.opset}, attention sparsity {attention_sparsity(model):.1%}); "
+          f"ONNX Runtime's logits within {worst:.1e} of PyTorch's (tolerance {PARITY_TOLERANCE:g}) at batch 2 and 1")
     return 0
 
 
@@ -113,10 +130,12 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from search.results import report
+    from search.results import Shipping, report
 
     out = Path(args.out) if args.out else None
-    return report(args.experiment, out=out, runs_dir=Path(args.runs), evaluate=args.evaluate, epsilon=args.epsilon)
+    shipping = Shipping(onnx=args.onnx, register=args.register, point=args.point, best_within=args.best_within)
+    return report(args.experiment, out=out, runs_dir=Path(args.runs), evaluate=args.evaluate, epsilon=args.epsilon,
+                  shipping=shipping)
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -291,7 +310,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--epsilon", type=_floats, default=None, metavar="E1,E2[,E3]",
                         help="show an epsilon-net of the front, one epsilon per objective in the search's order "
                              "(e.g. 0.005,0.01 for accuracy, sparsity); the exact front stays in pareto-exact.parquet")
+    report.add_argument("--onnx", action="store_true",
+                        help="log every front point's model as an MLflow onnx model (onnx-model-step-<step> on its run)")
+    report.add_argument("--register", metavar="NAME", default=None,
+                        help="register one point's model (as an MLflow onnx model) as a new version of NAME")
+    report.add_argument("--point", metavar="TRIAL/STEP", default=None, help="with --register: this point")
+    report.add_argument("--best-within", type=float, metavar="POINTS", default=None,
+                        help="with --register: the sparsest front point within this many accuracy points of dense")
     report.set_defaults(run=_report)
+
+    export = commands.add_parser("export", help="export a saved model to ONNX, checked in ONNX Runtime")
+    export.add_argument("--model", required=True, help="a save_pruned directory (e.g. a front point's checkpoint), a "
+                        "save_pretrained directory or a hub id")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--out", required=True, help="the .onnx file to write")
+    export.add_argument("--tokens", type=int, default=None,
+                        help="text models: the example's sequence length (the graph's length stays dynamic)")
+    export.add_argument("--opset", type=int, default=18)
+    export.set_defaults(run=_export)
 
     ui = commands.add_parser("ui", help="the MLflow UI over runs/mlflow.db")
     ui.add_argument("--host", default="127.0.0.1")

@@ -169,7 +169,7 @@ def epsilon_net(front: pd.DataFrame, metric: str, objectives: Sequence[str], eps
 def build_report(
     points: pd.DataFrame, metric: str, out: Path, title: str, evaluated: pd.Series | None = None, *,
     objectives: Sequence[str] = DEFAULT_OBJECTIVES, epsilon: Sequence[float] | None = None,
-    dense: Mapping[str, float] | None = None, run_url: str | None = None,
+    dense: Mapping[str, float] | None = None, run_url: str | None = None, deployment: pd.DataFrame | None = None,
 ) -> Report:
     """Front, hypervolume and the three files, written under `out`.
 
@@ -177,7 +177,8 @@ def build_report(
     models on another split, by (trial, step): the front keeps its rows and gains that column, and the
     report the hypervolume of that front measured on that split. `epsilon` (one per objective) shows an
     epsilon-net of the front; `dense` (split -> the dense model's metric) draws reference lines;
-    `run_url` (with `{run_id}`) links each point to its MLflow run."""
+    `run_url` (with `{run_id}`) links each point to its MLflow run; `deployment` (by trial and step: `export`,
+    the command that exports the point's model to ONNX, and `model_uri`, its registered versions) joins the front."""
     out.mkdir(parents=True, exist_ok=True)
     if points.empty:
         raise ValueError("no (trial, step) points with metrics yet: nothing to report")
@@ -201,6 +202,8 @@ def build_report(
             raise ValueError(f"the {split} evaluation lacks these (trial, step) points of the front: {missing_points}")
         on_split = [column if name == "accuracy" else kept for name, kept in zip(objectives, columns)]
         split_volume = hypervolume(list(zip(*(front[c] for c in on_split))), reference)
+    if deployment is not None:
+        front = front.join(deployment, on=["trial", "step"])
     shown, exact = (front, None) if epsilon is None else (epsilon_net(front, metric, objectives, epsilon), front)
     timed = points.dropna(subset=["latency_ms"])
     latency_pairs = list(zip(-timed["latency_ms"], timed[metric]))
@@ -232,7 +235,7 @@ def _html(report: Report, metric: str, title: str, dense: Mapping[str, float], r
                f"{reference}).{on_split}{dense_text}")
     evaluated = [f"{report.split}_{metric}"] if report.split else []
     columns = ["trial", "schedule", "step_ratio", "lora_rank", "step", "attention_sparsity", metric, *evaluated,
-               "speedup", "latency_ms", "params"]
+               "speedup", "latency_ms", "params", "model_uri", "export"]
     sections = []
     if report.exact_front is None:
         sections.append((f"Pareto front: {names}", table(report.front, columns)))
@@ -278,6 +281,9 @@ def print_front(report: Report, metric: str) -> None:
         )
     if report.exact_front is not None:
         print(f"(an epsilon-net of the exact front's {len(report.exact_front)} points: {report.files['exact']})")
+    if "model_uri" in report.front:
+        for _, row in report.front[report.front["model_uri"].fillna("") != ""].iterrows():
+            print(f"registered: {row['trial']}/{row['step']} as {row['model_uri']}")
     reference = ", ".join(f"{name} {REFERENCE[name]:g}" for name in report.objectives)
     print(f"hypervolume {report.hypervolume:.4f} (reference: {reference})")
     if column is not None:

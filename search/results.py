@@ -1,5 +1,5 @@
 """What a search leaves behind and how it is read back: its state file, the Pareto report (its front evaluated
-on another split on request), the parent run's end.
+on another split, logged as MLflow onnx models and one point registered, on request), the parent run's end.
 
 Tune's stored results are the record of truth; MLflow is kept complete from them (`_report`), so a
 report can be rebuilt after the driver died or while MLflow was down.
@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune import ExperimentAnalysis, ResultGrid
 
+from prune_core import load_pruned
 from search.evaluate import evaluate_rows, step_checkpoints
 from search.report import Report, build_report, collect_points, front_of, log_report, print_front, tune_points
 from search.space import OBJECTIVE_SETS, load_config
@@ -25,6 +26,36 @@ from search.tracking import MlflowTracker, fail_fast, tune_events
 
 STATE_FILE = "search.json"
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `prune-search ui` serves a local store's runs
+
+
+@dataclass(frozen=True)
+class Shipping:
+    """What `report` does with the front's models besides reporting them: log each as an MLflow `onnx` model
+    (`onnx`), and register one in the Model Registry as a new version of `register`, chosen by `point`
+    ("TRIAL/STEP", the report's trial and step) or as the sparsest front point within `best_within` accuracy
+    points of the dense model."""
+
+    onnx: bool = False
+    register: str | None = None
+    point: str | None = None
+    best_within: float | None = None
+
+    def __post_init__(self) -> None:
+        chosen = (self.point is not None) + (self.best_within is not None)
+        if self.register is None and chosen:
+            raise ValueError("--point and --best-within choose the model to --register NAME; give a name")
+        if self.register is not None and chosen != 1:
+            raise ValueError(f"--register {self.register}: choose its model with --point TRIAL/STEP or "
+                             "--best-within POINTS (one of them)")
+        if self.best_within is not None and self.best_within < 0:
+            raise ValueError(f"--best-within {self.best_within}: accuracy points below dense, >= 0 (e.g. 1.0)")
+        if self.point is not None and not _point_key(self.point):
+            raise ValueError(f"--point {self.point!r}: expected TRIAL/STEP as the report shows them, e.g. 3f2a1_00004/5")
+
+
+def _point_key(point: str) -> tuple[str, int] | None:
+    trial, _, step = point.rpartition("/")
+    return (trial, int(step)) if trial and step.isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -82,16 +113,17 @@ def finish(results: ResultGrid, experiment: str, state: SearchState, runs_dir: P
 
 def report(
     experiment: str, *, out: Path | None = None, runs_dir: Path = Path("runs"), evaluate: str | None = None,
-    epsilon: tuple[float, ...] | None = None,
+    epsilon: tuple[float, ...] | None = None, shipping: Shipping | None = None,
 ) -> int:
     """Rebuild the Pareto report of a search; first send MLflow anything it is missing of Tune's results.
 
     With `evaluate` (a split, e.g. "test"), the front's models are evaluated on it too (`evaluate_front`);
-    `epsilon` (one per objective) shows an epsilon-net of the front instead of the search config's."""
+    `epsilon` (one per objective) shows an epsilon-net of the front instead of the search config's;
+    `shipping` logs the front's models as MLflow onnx models and registers one."""
     state = load_state(runs_dir, experiment)
     fail_fast()
     out = out or runs_dir / experiment / "report"
-    found = _report(experiment, state, runs_dir, out, f"{experiment}: Pareto front", evaluate, epsilon)
+    found = _report(experiment, state, runs_dir, out, f"{experiment}: Pareto front", evaluate, epsilon, shipping)
     if found is None:
         return 1
     print(f"report: {found.files['html'].resolve()}")
@@ -135,12 +167,12 @@ def _evaluate(front: pd.DataFrame, state: SearchState, analysis: ExperimentAnaly
 
 def _report(
     experiment: str, state: SearchState, runs_dir: Path, out: Path, title: str, split: str | None = None,
-    epsilon: tuple[float, ...] | None = None,
+    epsilon: tuple[float, ...] | None = None, shipping: Shipping | None = None,
 ) -> Report | None:
     """Send MLflow what it lacks of Tune's results, then report from MLflow, or from Tune while MLflow is down.
 
     Tune's results on `storage` are the record of truth; None when no trial has reported a step yet. With
-    `split`, the front's models are evaluated on it too.
+    `split`, the front's models are evaluated on it too; with `shipping`, they are logged and one registered.
     """
     analysis = _analysis(state)
     events = tune_events(analysis) if analysis else []
@@ -165,14 +197,20 @@ def _report(
     settings = report_settings(state)
     if epsilon is not None:
         settings["epsilon"] = epsilon
+    front = front_of(points, state.metric, settings["objectives"])
     if split is not None:
-        evaluated = _evaluate(front_of(points, state.metric, settings["objectives"]), state, analysis, split,
-                              runs_dir / experiment)
-    found = build_report(points, state.metric, out, title, evaluated, **settings)
+        evaluated = _evaluate(front, state, analysis, split, runs_dir / experiment)
+    checkpoints = step_checkpoints(ResultGrid(analysis)) if analysis is not None else {}
+    if shipping is not None and (shipping.onnx or shipping.register):
+        if client is None:
+            raise ValueError(f"MLflow at {state.tracking_uri} is unreachable: no model was logged or registered; "
+                             "run the same `report` again once it is back")
+        _ship(client, state, points, front, checkpoints, shipping)
+    deployment = _deployment(client, front, checkpoints)
+    found = build_report(points, state.metric, out, title, evaluated, deployment=deployment, **settings)
     if client is not None:
         log_report(client, state.parent_run, found, state.metric)
-        if analysis is not None:
-            _log_front_models(client, ResultGrid(analysis), found.front)
+        _log_front_models(client, checkpoints, found.front)
         if state.finished:
             failed = any(event.kind == "failed" for event in events)
             _end_parent(state, RunStatus.FAILED if failed else RunStatus.FINISHED)
@@ -198,15 +236,92 @@ def _analysis(state: SearchState) -> ExperimentAnalysis | None:
     return ExperimentAnalysis(state.experiment_dir) if tune.Tuner.can_restore(state.experiment_dir) else None
 
 
-def _log_front_models(client: MlflowClient, results: ResultGrid, front) -> None:
+def _log_front_models(client: MlflowClient, checkpoints: dict, front) -> None:
     """Attach the pruned model of every front point (its step checkpoint) to its segment's child run, once."""
-    checkpoints = step_checkpoints(results)
     for _, row in front.iterrows():
         checkpoint = checkpoints.get((row["trial"], int(row["step"])))
         folder = f"pruned-model-step-{int(row['step'])}"
         if checkpoint is not None and not client.list_artifacts(row["run_id"], folder):
             with checkpoint.as_directory() as directory:
                 client.log_artifacts(row["run_id"], directory, artifact_path=folder)
+
+
+def _ship(client: MlflowClient, state: SearchState, points: pd.DataFrame, front: pd.DataFrame, checkpoints: dict,
+          shipping: Shipping) -> None:
+    """Log the front's models as MLflow onnx models (`shipping.onnx`); register the chosen point's."""
+    from search.deploy import log_onnx_model, register
+
+    def logged(row) -> tuple[str, str]:
+        """(the MLflow onnx model's runs:/ URI, the checkpoint's path)"""
+        checkpoint = checkpoints.get((row["trial"], int(row["step"])))
+        if checkpoint is None:
+            raise ValueError(f"no checkpoint of trial {row['trial']} at step {row['step']} is kept under "
+                             f"{state.experiment_dir}: nothing to export")
+        with checkpoint.as_directory() as directory:
+            model = load_pruned(directory).eval()
+        return log_onnx_model(client, row["run_id"], model, int(row["step"])), checkpoint.path
+
+    if shipping.onnx:
+        for _, row in front.iterrows():
+            logged(row)
+        print(f"logged the front's {len(front)} models as MLflow onnx models (onnx-model-step-<step> on each run)")
+    if shipping.register is None:
+        return
+    row = _chosen(points, front, state, shipping)
+    uri, checkpoint = logged(row)
+    tags = {"experiment": state.mlflow_experiment, "trial": row["trial"], "step": int(row["step"]),
+            state.metric: f"{row[state.metric]:.6f}", "attention_sparsity": f"{row['attention_sparsity']:.6f}",
+            "schedule": row["schedule"], "source": uri, "checkpoint": checkpoint}
+    for key in ("speedup", "latency_ms", "params"):
+        if key in row and pd.notna(row[key]):
+            tags[key] = f"{row[key]:g}"
+    version = register(client, row["run_id"], int(row["step"]), shipping.register, tags)
+    print(f"registered models:/{shipping.register}/{version.version}: trial {row['trial']} step {row['step']}, "
+          f"{state.metric} {row[state.metric]:.4f} at {row['attention_sparsity']:.1%} attention sparsity\n"
+          f"serve it:  MLFLOW_TRACKING_URI={state.tracking_uri} mlflow models serve -m models:/{shipping.register}/"
+          f"{version.version} --env-manager local --host 127.0.0.1 --port 5001")
+
+
+def _chosen(points: pd.DataFrame, front: pd.DataFrame, state: SearchState, shipping: Shipping) -> pd.Series:
+    """The point `shipping` asks to register: `point` among all reported points, or the sparsest front point
+    within `best_within` accuracy points of the dense model (on the search's eval split)."""
+    if shipping.point is not None:
+        trial, step = _point_key(shipping.point)
+        match = points[(points["trial"] == trial) & (points["step"] == step)]
+        if match.empty:
+            shown = ", ".join(f"{t}/{s}" for t, s in zip(front["trial"], front["step"]))
+            raise ValueError(f"--point {shipping.point}: no such (trial, step) in {state.mlflow_experiment}; the "
+                             f"front's points: {shown}")
+        return match.iloc[0]
+    dense = state.settings["dense"]
+    floor = dense - shipping.best_within / 100
+    near = front[front[state.metric] >= floor - 1e-12]
+    if near.empty:
+        best = front.loc[front[state.metric].idxmax()]
+        raise ValueError(f"--best-within {shipping.best_within:g}: no front point has {state.metric} >= {floor:.4f} "
+                         f"(dense {dense:.4f}); the most accurate is {best['trial']}/{best['step']} with "
+                         f"{best[state.metric]:.4f}")
+    return near.loc[near["attention_sparsity"].idxmax()]
+
+
+def _deployment(client: MlflowClient | None, front: pd.DataFrame, checkpoints: dict) -> pd.DataFrame:
+    """Per front point (trial, step): the command that exports its checkpoint to ONNX and, where it is
+    registered, its `models:/` URIs."""
+    from search.deploy import ONNX_FOLDER
+
+    rows = []
+    for _, row in front.iterrows():
+        key = (row["trial"], int(row["step"]))
+        checkpoint = checkpoints.get(key)
+        export = "" if checkpoint is None else (f"prune-search export --model {checkpoint.path} --format onnx "
+                                                f"--out {key[0]}-step{key[1]}.onnx")
+        uris = []
+        if client is not None and isinstance(row.get("run_id"), str):
+            folder = ONNX_FOLDER.format(step=key[1])
+            uris = [f"models:/{v.name}/{v.version}" for v in client.search_model_versions(f"run_id = '{row['run_id']}'")
+                    if v.source.rstrip("/").endswith(f"/{folder}")]
+        rows.append({"trial": key[0], "step": key[1], "export": export, "model_uri": ", ".join(sorted(uris))})
+    return pd.DataFrame(rows, columns=["trial", "step", "export", "model_uri"]).set_index(["trial", "step"])
 
 
 def _end_parent(state: SearchState, status: int) -> None:
