@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import granularity_latency, scoring_cost
+from benchmarks import granularity_latency, onnx_runtime, scoring_cost
 from benchmarks.common import RESULTS
-from prune_core import SCORERS
+from prune_core import GRANULARITIES, SCORERS
 from search.baseline import BaselineConfig
 from tests.conftest import ast_batches, tiny_ast
 
@@ -62,3 +62,19 @@ def test_scoring_cost_demo_size_mirrors_the_baseline():
     assert {key: model[key] for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size")} == {
         key: demo[key] for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size")
     }
+
+
+def test_onnx_runtime_times_every_granularity_in_both_runtimes(tmp_path):
+    """The structure of the ONNX Runtime benchmark on a tiny AST: every model exported, checked and timed in both
+    runtimes; each speedup is the paired median of that runtime's own samples."""
+    results = onnx_runtime.measure(onnx_runtime.parse_args(["--quick", "--repeats", "2", "--out", str(tmp_path / "r.json")]))
+    shapes = {label for label, _, _ in onnx_runtime.QUICK_SHAPES}
+    assert {(r["shape"], r["model"]) for r in results["rows"]} == {(s, m) for s in shapes for m in {"dense", *GRANULARITIES}}
+    for row in results["rows"]:
+        dense = next(r for r in results["rows"] if r["shape"] == row["shape"] and r["model"] == "dense")
+        assert row["max_abs_diff"] < onnx_runtime.PARITY and len(row["samples"]["ort"]) == 2
+        for runtime in ("eager", "ort"):
+            ratios = sorted(d / p for d, p in zip(dense["samples"][runtime], row["samples"][runtime]))
+            assert row[f"{runtime}_speedup"] == sum(ratios) / 2
+        assert row["speedup_ratio"] == row["ort_speedup"] / row["eager_speedup"]
+        assert row["model"] == "dense" or abs(row["attention_sparsity"] - onnx_runtime.AMOUNT) < 0.02
