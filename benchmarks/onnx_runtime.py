@@ -54,28 +54,34 @@ def models_at(config: dict, frames: int) -> dict[str, torch.nn.Module]:
     return models
 
 
-def runners(models: dict[str, torch.nn.Module], folder: Path, inputs: torch.Tensor) -> tuple[dict, dict]:
-    """(name/runtime -> a callable running one forward, model -> its export facts), each export checked."""
+def exported(models: dict[str, torch.nn.Module], folder: Path, inputs: torch.Tensor) -> tuple[dict, dict]:
+    """(model -> its ONNX Runtime session, model -> its export facts), each export checked on `inputs`."""
     import onnxruntime
 
-    calls: dict[str, Callable[[], object]] = {}
-    facts = {}
-    feed = {"input_values": inputs.numpy()}
+    sessions, facts = {}, {}
     for name, model in models.items():
         started = time.perf_counter()
         path = export_onnx(model, folder / f"{name}.onnx")
         exported_s = time.perf_counter() - started
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sessions[name] = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         with torch.no_grad():
             expected = model(input_values=inputs).logits.numpy()
-        worst = float(np.abs(session.run(["logits"], feed)[0] - expected).max())
+        worst = float(np.abs(sessions[name].run(["logits"], {"input_values": inputs.numpy()})[0] - expected).max())
         if worst > PARITY:
             raise SystemExit(f"error: {name}: ONNX Runtime's logits differ from PyTorch's by {worst:.2e}")
         facts[name] = {"attention_sparsity": attention_sparsity(model) if name != "dense" else 0.0,
                        "export_s": exported_s, "max_abs_diff": worst, "onnx_mib": path.stat().st_size / 2**20}
+    return sessions, facts
+
+
+def runners(models: dict[str, torch.nn.Module], sessions: dict, inputs: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """name/runtime -> a callable running one forward of that model in that runtime on `inputs`."""
+    feed = {"input_values": inputs.numpy()}
+    calls: dict[str, Callable[[], object]] = {}
+    for name, model in models.items():
         calls[f"{name}/eager"] = _eager(model, inputs)
-        calls[f"{name}/ort"] = lambda session=session: session.run(["logits"], feed)
-    return calls, facts
+        calls[f"{name}/ort"] = lambda session=sessions[name]: session.run(["logits"], feed)
+    return calls
 
 
 def _eager(model: torch.nn.Module, inputs: torch.Tensor) -> Callable[[], object]:
@@ -109,27 +115,30 @@ def measure(args: argparse.Namespace) -> dict:
     config, shapes = (TINY, QUICK_SHAPES) if args.quick else (BASE, SHAPES)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for label, frames, batch in shapes:
+        for frames in dict.fromkeys(frames for _, frames, _ in shapes):  # one set of models per input length
             models = models_at(config, frames)
-            inputs = torch.randn(batch, frames, config["num_mel_bins"], generator=torch.Generator().manual_seed(1))
-            log(f"{label}: exporting {len(models)} models")
-            calls, facts = runners(models, Path(scratch) / f"{frames}-{batch}", inputs)
-            repeats = args.repeats or (5 if frames >= 1024 else 11)
-            log(f"{label}: timing {len(calls)} runs x {repeats} rounds")
-            samples = time_side_by_side(calls, repeats)
-            for name in models:
-                eager, ort = samples[f"{name}/eager"], samples[f"{name}/ort"]
-                speedups = {runtime: paired_median(samples[f"dense/{runtime}"], samples[f"{name}/{runtime}"])
-                            for runtime in ("eager", "ort")}
-                rows.append({
-                    "shape": label, "frames": frames, "batch": batch, "model": name, **facts[name],
-                    "eager_ms": statistics.median(eager), "ort_ms": statistics.median(ort),
-                    "ort_over_eager": paired_median(eager, ort),  # how much faster ORT runs this model
-                    "eager_speedup": speedups["eager"], "ort_speedup": speedups["ort"],
-                    "speedup_ratio": speedups["ort"] / speedups["eager"],
-                    "samples": {"eager": eager, "ort": ort}, "repeats": repeats,
-                })
-            del calls, models
+            generator = torch.Generator().manual_seed(1)
+            log(f"{frames} frames: exporting {len(models)} models")
+            sessions, facts = exported(models, Path(scratch) / str(frames),
+                                       torch.randn(2, frames, config["num_mel_bins"], generator=generator))
+            for label, batch in ((label, batch) for label, f, batch in shapes if f == frames):
+                calls = runners(models, sessions, torch.randn(batch, frames, config["num_mel_bins"], generator=generator))
+                repeats = args.repeats or (5 if frames >= 1024 else 11)
+                log(f"{label}: timing {len(calls)} runs x {repeats} rounds")
+                samples = time_side_by_side(calls, repeats)
+                for name in models:
+                    eager, ort = samples[f"{name}/eager"], samples[f"{name}/ort"]
+                    speedups = {runtime: paired_median(samples[f"dense/{runtime}"], samples[f"{name}/{runtime}"])
+                                for runtime in ("eager", "ort")}
+                    rows.append({
+                        "shape": label, "frames": frames, "batch": batch, "model": name, **facts[name],
+                        "eager_ms": statistics.median(eager), "ort_ms": statistics.median(ort),
+                        "ort_over_eager": paired_median(eager, ort),  # how much faster ORT runs this model
+                        "eager_speedup": speedups["eager"], "ort_speedup": speedups["ort"],
+                        "speedup_ratio": speedups["ort"] / speedups["eager"],
+                        "samples": {"eager": eager, "ort": ort}, "repeats": repeats,
+                    })
+            del sessions, models
     return {"environment": environment(packages=("torch", "transformers", "onnx", "onnxruntime")),
             "threads": torch.get_num_threads(), "config": config, "amount": AMOUNT, "quick": args.quick, "rows": rows}
 
