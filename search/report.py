@@ -25,7 +25,7 @@ from prune_core.session import schedule_summary
 from search.pareto import epsilon_front, hypervolume, pareto_front
 from search.report_page import interactive_figure, table, write_page, write_png
 from search.space import OBJECTIVE_SETS, objective_keys
-from search.tracking import LINEAGE_TAG, SEARCH_TAG, SEGMENT_TAG, STOPPED_TAG, STRATEGY_KEYS, Event
+from search.tracking import LINEAGE_TAG, SEARCH_TAG, SEGMENT_TAG, STOPPED_TAG, STRATEGY_KEYS, Event, child_runs
 
 # Hypervolume reference point per objective (stated in the report): accuracy 0, sparsity 0 (the dense
 # model), speedup 1 (as fast as dense).
@@ -67,7 +67,7 @@ def find_parent(client: MlflowClient, experiment_name: str) -> tuple[str, str]:
 
 def collect_points(client: MlflowClient, experiment: str, parent: str, metric: str) -> pd.DataFrame:
     """One row per (trial segment, step) with its strategy, schedule and state, from the search's child runs."""
-    children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    children = child_runs(client, experiment, parent)
     rows = []
     for run in children:
         history: dict[int, dict] = {}

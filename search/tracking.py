@@ -92,6 +92,19 @@ def parent_run(client: MlflowClient, experiment: str, search_id: str, params: di
     return run.info.run_id
 
 
+def child_runs(client: MlflowClient, experiment: str, parent: str) -> list:
+    """Every child run of `parent`, page by page: one `search_runs` call returns at most 1,000, and a search
+    of more trials than that must not lose the rest from its report, warm start or bookkeeping."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+                                  max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def end_lost_runs(client: MlflowClient, experiment: str, parent: str, known: set[str]) -> list[str]:
     """Tag the child runs whose trial Tune's saved state does not know, and end those still RUNNING as
     KILLED; returns their trial ids.
@@ -102,7 +115,7 @@ def end_lost_runs(client: MlflowClient, experiment: str, parent: str, known: set
     (they are real) but is not in Tune's record. Both are tagged `prune_search.lost_with_driver`.
     """
     lost = []
-    for run in client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+    for run in child_runs(client, experiment, parent):
         trial = run.data.tags.get(TRIAL_TAG)
         if trial in known or run.data.tags.get(LOST_TAG) == "true":
             continue

@@ -25,7 +25,7 @@ from search.results import SearchState, load_state
 from search.schedulers import ASHA_METRIC
 from search.searchers import SearchPlan, optuna_distributions
 from search.space import OBJECTIVE_SETS, ConfigError, SearchConfig, objective_keys
-from search.tracking import SEGMENT_TAG, STOPPED_TAG, fail_fast, tune_events
+from search.tracking import SEGMENT_TAG, STOPPED_TAG, child_runs, fail_fast, tune_events
 
 TrialState = optuna.trial.TrialState
 
@@ -151,7 +151,7 @@ def _mlflow_trials(state: SearchState) -> list[EarlierTrial]:
     """The child runs of the search's parent run; params are read back from MLflow's strings."""
     fail_fast()
     client = MlflowClient(state.tracking_uri)
-    children = client.search_runs([state.mlflow_experiment], filter_string=f"tags.`mlflow.parentRunId` = '{state.parent_run}'")
+    children = child_runs(client, state.mlflow_experiment, state.parent_run)
     trials = []
     for run in children:
         if int(run.data.tags.get(SEGMENT_TAG, "0")) > 0:  # a population-based training clone: see _tune_trials

@@ -167,3 +167,17 @@ def test_runs_lost_with_a_killed_driver_end_killed(tmp_path):
     assert all(client.get_run(runs[t]).data.tags[LOST_TAG] == "true" for t in ("lost", "done"))
     assert client.get_run(runs["known"]).info.status == "RUNNING" and LOST_TAG not in client.get_run(runs["known"]).data.tags
     assert end_lost_runs(client, experiment, parent, known={"known"}) == []  # a second resume finds them tagged
+
+
+def test_child_runs_pages_past_the_first_thousand(tmp_path):
+    """MLflow returns at most 1,000 runs a call: a search of 1,005 trials must keep every one."""
+    from search.tracking import child_runs
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("many", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(experiment).info.run_id
+    made = {client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id for _ in range(1005)}
+    client.create_run(experiment, tags={"mlflow.parentRunId": "another-search"})  # not this search's
+    assert len(client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'")) == 1000
+    found = [run.info.run_id for run in child_runs(client, experiment, parent)]
+    assert len(found) == 1005 and set(found) == made
