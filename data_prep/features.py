@@ -79,23 +79,31 @@ def _mono_float32(waveform: np.ndarray | torch.Tensor) -> torch.Tensor:
     return samples.to(torch.float32)
 
 
+def checked_clip(waveform: np.ndarray | torch.Tensor, params: FeatureParams) -> torch.Tensor:
+    """The clip as float32 on the CPU, or refused: AudioError "too_short" (no whole window) or "non_finite"
+    (either would otherwise reach the shards and the training statistics as silent garbage); TypeError or
+    ValueError for integer PCM or more than one channel."""
+    samples = _mono_float32(waveform).cpu()
+    if samples.numel() < params.window_samples:
+        raise AudioError(
+            "too_short",
+            f"waveform of {samples.numel()} samples is shorter than one {params.frame_length_ms:g} ms "
+            f"window ({params.window_samples} samples at {params.sample_rate} Hz)",
+        )
+    if not torch.isfinite(samples).all():
+        raise AudioError("non_finite", "waveform has NaN or infinite samples")
+    return samples
+
+
 def fbank(waveform: np.ndarray | torch.Tensor, params: FeatureParams) -> tuple[torch.Tensor, int]:
     """Log-mel fbank of a mono waveform in [-1, 1] exactly as transformers' ASTFeatureExtractor computes it
     (torchaudio's Kaldi fbank, Hanning window, no dither, no 2**15 scaling), padded with zeros or cut to
     `params.max_length` frames: float32 [max_length, num_mel_bins], and the frame count before pad/cut.
 
-    A waveform shorter than one window has no frame: AudioError "too_short"; NaN/Inf samples: "non_finite"
-    (either would otherwise reach the shards and the training statistics as silent garbage).
+    Refuses what `checked_clip` refuses. `prepare` computes the same features in batches
+    (`data_prep.fbank.fbank_batch`); this per-clip path is the reference its tests hold it to.
     """
-    samples = _mono_float32(waveform)
-    if samples.numel() < params.window_samples:
-        raise AudioError(
-            "too_short",
-            f"waveform of {samples.numel()} samples is shorter than one {params.frame_length_ms:g} ms window "
-            f"({params.window_samples} samples at {params.sample_rate} Hz)",
-        )
-    if not torch.isfinite(samples).all():
-        raise AudioError("non_finite", "waveform has NaN or infinite samples")
+    samples = checked_clip(waveform, params)
     features = kaldi.fbank(
         samples.unsqueeze(0),
         sample_frequency=params.sample_rate,
