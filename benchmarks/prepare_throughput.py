@@ -1,5 +1,6 @@
-"""Data-prep throughput: `prepare` (Ray, 1 and 2 workers) vs a per-clip ASTFeatureExtractor loop, and the
-memory-mapped shard loader vs features computed on the fly.
+"""Data-prep throughput: `prepare` (in this process, and on Ray with 1 and 2 workers) vs a per-clip
+ASTFeatureExtractor loop; the batched fbank alone vs torchaudio's Kaldi fbank per clip; and the memory-mapped
+shard loader vs features computed on the fly.
 
     python -m benchmarks.prepare_throughput [--quick]    |    python -m benchmarks.prepare_throughput --from-json FILE
 """
@@ -28,7 +29,8 @@ from benchmarks.common import (RESULTS, add_from_json, comma_list, environment, 
 from data_prep.audio import load_audio
 from data_prep.features import AST_STATS, FeatureParams, fbank, normalize
 from data_prep.loader import LoaderConfig, make_loader
-from data_prep.shards import PrepareConfig, prepare
+from data_prep.fbank import fbank_batch
+from data_prep.shards import FEATURE_BATCH, PrepareConfig, prepare
 from data_prep.sources import Clip, list_source
 from data_prep.synth import SynthConfig, synthesize
 
@@ -138,7 +140,7 @@ def ray_prepare(source: Path, out: Path, size: tuple[int, int], workers: int, cl
     shutil.rmtree(out, ignore_errors=True)
     try:
         started = start_ray(workers)
-        config = PrepareConfig(source=SOURCE, input=source, out=out, task=TASK,
+        config = PrepareConfig(source=SOURCE, input=source, out=out, task=TASK, engine="ray",
                                features=FeatureParams(num_mel_bins=size[0], max_length=size[1]), workers=workers)
         start = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # its summary; stdout is for the table
@@ -151,6 +153,46 @@ def ray_prepare(source: Path, out: Path, size: tuple[int, int], workers: int, cl
             "end_to_end_clips_per_s": clips / (seconds + start_s)}
 
 
+def local_prepare(source: Path, out: Path, size: tuple[int, int], clips: int) -> dict:
+    """`prepare` into an empty `out` in this process (`engine: local`, no Ray to start): end to end."""
+    shutil.rmtree(out, ignore_errors=True)
+    config = PrepareConfig(source=SOURCE, input=source, out=out, task=TASK, engine="local",
+                           features=FeatureParams(num_mel_bins=size[0], max_length=size[1]))
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        prepare(config)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "clips_per_s": clips / seconds}
+
+
+def bench_fbank(size: tuple[int, int], source: Path, rounds: int, clips: int = 512) -> dict:
+    """The features alone, on `clips` decoded clips: torchaudio's Kaldi fbank per clip vs `fbank_batch` in
+    `prepare`'s batches, one thread each (as in a Ray task), interleaved."""
+    params = FeatureParams(num_mel_bins=size[0], max_length=size[1])
+    listed = sorted(list_source(SOURCE, source, TASK).clips, key=lambda c: c.path)[:clips]
+    audio = [load_audio(clip.path, params.sample_rate) for clip in listed]
+    runs = {
+        "kaldi.fbank per clip": lambda: [fbank(waveform, params) for waveform in audio],
+        f"fbank_batch x{FEATURE_BATCH}": lambda: [fbank_batch(audio[i: i + FEATURE_BATCH], params)
+                                                  for i in range(0, len(audio), FEATURE_BATCH)],
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seconds: dict[str, list[float]] = {name: [] for name in runs}
+        for r in range(rounds):
+            for name in rotated(list(runs), r):
+                start = time.perf_counter()
+                runs[name]()
+                seconds[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    reference = "kaldi.fbank per clip"
+    return {"clips": len(audio), "threads": 1, "variants": {
+        name: {"clips_per_s": summary([len(audio) / s for s in values]),
+               "speedup": paired_median(seconds[reference], values)} for name, values in seconds.items()}}
+
+
 def bench_prepare(size: tuple[int, int], source: Path, out: Path, rounds: int) -> dict:
     """Interleaved rounds of the extractor loop (default and 1 torch thread) and `prepare` at each worker count;
     speedups are against the faster extractor loop."""
@@ -159,6 +201,7 @@ def bench_prepare(size: tuple[int, int], source: Path, out: Path, rounds: int) -
     runs: dict[str, Callable[[], dict]] = {f"extractor-{threads}t": lambda: extractor_loop(clips, size, threads)}
     if threads != 1:
         runs["extractor-1t"] = lambda: extractor_loop(clips, size, 1)
+    runs["prepare-local"] = lambda: local_prepare(source, out, size, len(clips))
     for workers in WORKERS:
         runs[f"prepare-w{workers}"] = lambda workers=workers: ray_prepare(source, out, size, workers, len(clips))
     samples: dict[str, list[dict]] = {name: [] for name in runs}
@@ -172,7 +215,7 @@ def bench_prepare(size: tuple[int, int], source: Path, out: Path, rounds: int) -
     for name, runs_ in samples.items():
         variants[name] = {"clips_per_s": summary([s["clips_per_s"] for s in runs_]), "runs": runs_,
                           "speedup": paired_median(seconds[baseline], seconds[name])}
-        if name.startswith("prepare"):
+        if name.startswith("prepare-w"):
             variants[name]["end_to_end_clips_per_s"] = summary([s["end_to_end_clips_per_s"] for s in runs_])
             for part in ("ray_start_s", "ray_init_s", "worker_import_s", "ray_data_start_s"):
                 variants[name][part] = summary([s[part] for s in runs_])
@@ -254,15 +297,19 @@ def markdown(results: dict) -> str:
     points = [p for size in results["sizes"].values() for p in (size.get("prepare"), size.get("loader")) if p]
     highest = max((run["loadavg_1min"]["after"] for p in points for v in p["variants"].values() for run in v["runs"]),
                   default=0.0)
-    prepared, loaded = [], []
+    prepared, loaded, fbanks = [], [], []
     for name, size in results["sizes"].items():
         features = f"{name} {size['mel']}x{size['frames']}"
         part = size["prepare"]
         for variant, v in part["variants"].items():
             ray = (f"{v['end_to_end_clips_per_s']['median']:.0f}", f"{v['end_to_end_speedup']:.2f}x",
-                   f"{v['ray_start_s']['median']:.1f}") if variant.startswith("prepare") else ("", "", "")
+                   f"{v['ray_start_s']['median']:.1f}") if variant.startswith("prepare-w") else ("", "", "")
             prepared.append((features, part["clips"], variant, f"{v['clips_per_s']['median']:.0f}",
                              f"{v['speedup']:.2f}x", *ray))
+        part = size.get("fbank")
+        if part:
+            fbanks += [(features, part["clips"], variant, f"{v['clips_per_s']['median']:.0f}", f"{v['speedup']:.2f}x")
+                       for variant, v in part["variants"].items()]
         part = size["loader"]
         loaded += [(features, part["rows"], variant, f"{v['samples_per_s']['median']:.0f}", f"{v['shards_speedup']:.2f}x")
                    for variant, v in part["variants"].items()]
@@ -277,9 +324,12 @@ def markdown(results: dict) -> str:
         "",
         "Speedups against the faster extractor loop (`extractor-Nt`: soundfile.read + ASTFeatureExtractor per clip in "
         "one process with N torch threads, no writing); `prepare` also writes float16 Parquet shards, the "
-        "train statistics and the manifest. Ray start = `ray.init`, the workers' imports and Ray Data's actors (once per "
-        "run of `prepare`).",
+        "train statistics and the manifest. `prepare-local`: in this process, end to end (what `engine: auto` picks "
+        "for at most 5,000 clips); `prepare-wN`: on Ray with N workers. Ray start = `ray.init`, the workers' imports "
+        "and Ray Data's actors (once per run of `prepare`).",
         "",
+        *(markdown_table(("features", "clips", "features alone, 1 thread", "clips/s", "speedup"), fbanks) + [""]
+          if fbanks else []),
         *markdown_table(("features", "train rows", "loader", "samples/s", "shard loader speedup"), loaded),
         "",
         f"Batch {BATCH}, shuffled, no augmentation; on-the-fly-wN: a DataLoader with N (persistent) workers "
@@ -330,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         prepared = args.work / f"prepared-{name}"
         log(f"{name} {size[0]} mel x {size[1]} frames")
         results["sizes"][name] = {"mel": size[0], "frames": size[1],
+                                  "fbank": bench_fbank(size, source, args.rounds),
                                   "prepare": bench_prepare(size, source, prepared, args.rounds),
                                   "loader": bench_loader(size, source, prepared, args.rounds)}
         results["environment"]["wall_s"] = time.perf_counter() - start

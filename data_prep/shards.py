@@ -3,6 +3,11 @@
 Each shard is planned up front from the listing (a fixed set of clips), computed by one Ray task and
 written atomically (temp file, then rename) with a sidecar recording its stats and quarantined
 files. A re-run skips shards whose sidecar matches, so a killed run resumes without duplicates.
+
+Inside a shard, clips are decoded by a few threads (soundfile releases the GIL) and their features
+computed `FEATURE_BATCH` at a time (`data_prep.fbank.fbank_batch`). The batches follow the shard's clip
+order, not the machine, so a shard's bytes are the same for any worker count. A small job on this
+machine skips Ray, whose start-up would cost more than the job (`engine`).
 """
 
 from __future__ import annotations
@@ -13,19 +18,27 @@ import os
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from data_prep.audio import AudioError, load_audio
-from data_prep.features import AST_STATS, FeatureParams, RunningStats, fbank
+from data_prep.fbank import fbank_batch
+from data_prep.features import AST_STATS, FeatureParams, RunningStats, checked_clip
 from data_prep.loader import DTYPES, MANIFEST
 from data_prep.sources import SPLITS, Clip, Listing, list_source
 
 NORMALIZATIONS = ("measured", "ast_speechcommands", "ast_audioset")
+ENGINES = ("auto", "ray", "local")
+DEVICES = ("cpu", "cuda")
+FEATURE_BATCH = 32  # clips per fbank_batch call: fixed, so that a shard's bytes never depend on the machine
+DECODE_THREADS = 4  # soundfile releases the GIL while it decodes
+LOCAL_MAX_CLIPS = 5000  # `engine: auto` prepares at most this many clips in this process, without Ray
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,8 @@ class PrepareConfig:
     shard_size: int = 512
     workers: int = 2
     strict: bool = False
+    engine: str = "auto"  # ray, local (this process), or auto: local for a small job and no RAY_ADDRESS
+    device: str = "cpu"  # where the features are computed: cpu or cuda
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -52,6 +67,15 @@ class PrepareConfig:
             raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {DEVICES}, got {self.device!r}")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda: torch sees no CUDA device here; use --device cpu")
 
 
 @dataclass(frozen=True)
@@ -104,29 +128,44 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def write_shard(spec: ShardSpec, out: Path, task: str, features: FeatureParams, dtype: str) -> dict:
+def _decoded(clip: Clip, features: FeatureParams) -> torch.Tensor | AudioError:
+    """The clip's samples (its segment, cut where frames past max_length would start), checked as the
+    features need them; the AudioError to quarantine it with, instead of raising it, so a pool goes on."""
+    seconds = features.max_length * features.frame_shift_ms / 1000 + 1.0
+    try:
+        audio = load_audio(clip.path, features.sample_rate)
+        begin = int(clip.start * features.sample_rate)
+        end = None if clip.end is None else int(clip.end * features.sample_rate)
+        return checked_clip(audio[begin:end][: int(seconds * features.sample_rate)], features)
+    except AudioError as error:
+        return error
+
+
+def write_shard(spec: ShardSpec, out: Path, task: str, features: FeatureParams, dtype: str,
+                device: str = "cpu") -> dict:
     """Compute one shard's features and write it atomically; returns its sidecar (stats, quarantine)."""
     rows: dict[str, list] = {name: [] for name in ("id", "split", "label", "features", "frames", "path")}
     stats = RunningStats()
     quarantined = []
-    seconds = features.max_length * features.frame_shift_ms / 1000 + 1.0
-    for clip in spec.clips:
-        try:
-            audio = load_audio(clip.path, features.sample_rate)
-            begin = int(clip.start * features.sample_rate)
-            end = None if clip.end is None else int(clip.end * features.sample_rate)
-            audio = audio[begin:end][: int(seconds * features.sample_rate)]  # frames past max_length are cut anyway
-            matrix, frames = fbank(audio, features)
-        except AudioError as error:
-            quarantined.append({"path": clip.path, "id": clip.id, "reason": error.reason, "detail": str(error)})
-            continue
-        stats.update(matrix[:frames])
-        rows["id"].append(clip.id)
-        rows["split"].append(spec.split)
-        rows["label"].append(clip.labels[0] if task == "single_label" else list(clip.labels))
-        rows["features"].append(matrix.numpy().astype(np.float16 if dtype == "float16" else np.float32).ravel())
-        rows["frames"].append(frames)
-        rows["path"].append(clip.path)
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        decoded = list(pool.map(lambda clip: _decoded(clip, features), spec.clips))
+    kept = []
+    for clip, audio in zip(spec.clips, decoded):
+        if isinstance(audio, AudioError):
+            quarantined.append({"path": clip.path, "id": clip.id, "reason": audio.reason, "detail": str(audio)})
+        else:
+            kept.append((clip, audio))
+    for start in range(0, len(kept), FEATURE_BATCH):
+        group = kept[start: start + FEATURE_BATCH]
+        matrices, counts = fbank_batch([audio for _, audio in group], features, device)
+        for (clip, _), matrix, frames in zip(group, matrices, counts):
+            stats.update(matrix[:frames])
+            rows["id"].append(clip.id)
+            rows["split"].append(spec.split)
+            rows["label"].append(clip.labels[0] if task == "single_label" else list(clip.labels))
+            rows["features"].append(matrix.numpy().astype(np.float16 if dtype == "float16" else np.float32).ravel())
+            rows["frames"].append(frames)
+            rows["path"].append(clip.path)
     target = out / spec.name
     target.parent.mkdir(parents=True, exist_ok=True)
     if rows["id"]:
@@ -172,11 +211,14 @@ def _run_on_ray(pending: list[ShardSpec], config: PrepareConfig, task: str, on_d
             ray.init(address="local", num_cpus=config.workers, include_dashboard=False, log_to_driver=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # our own bar counts files, Ray's would count shards
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")  # spends Ray's one warning that its bars are off
     specs = {spec.name: spec for spec in pending}
-    out, features, dtype = config.out, config.features, config.dtype
+    out, features, dtype, device = config.out, config.features, config.dtype, config.device
 
     def process(row: dict) -> dict:
-        return {"sidecar": json.dumps(write_shard(specs[row["shard"]], out, task, features, dtype))}
+        return {"sidecar": json.dumps(write_shard(specs[row["shard"]], out, task, features, dtype, device))}
 
     dataset = ray.data.from_items([{"shard": name} for name in specs], override_num_blocks=len(specs))
     tasks = ray.data.TaskPoolStrategy(size=config.workers)
@@ -195,17 +237,34 @@ def prepare(config: PrepareConfig) -> dict:
     pending = [spec for spec in specs if spec.name not in done]
     total = sum(len(spec.clips) for spec in specs)
     progress = _Progress(total, sum(len(spec.clips) for spec in specs if spec.name in done))
+    engine = None
     if pending:
         def on_done(sidecar: dict) -> None:
             done[sidecar["shard"]] = sidecar
             progress.advance(sidecar["rows"] + len(sidecar["quarantined"]))
 
-        _run_on_ray(pending, config, listing.task, on_done)
+        engine = _engine(config, sum(len(spec.clips) for spec in pending))
+        print(f"prepare: {sum(len(spec.clips) for spec in pending)} clips in {len(pending)} shards, "
+              + ("in this process (a small job: Ray's start-up would cost more)" if engine == "local"
+                 else f"on Ray ({config.workers} worker{'s' if config.workers > 1 else ''})") + f", features on {config.device}", file=sys.stderr)
+        if engine == "local":
+            for spec in pending:
+                on_done(write_shard(spec, config.out, listing.task, config.features, config.dtype, config.device))
+        else:
+            _run_on_ray(pending, config, listing.task, on_done)
     progress.close()
     manifest = _manifest(config, listing, specs, done, time.perf_counter() - started)
+    manifest["engine"] = engine  # where this run computed its shards (None: all were done before)
     _atomic_write_bytes(config.out / MANIFEST, json.dumps(manifest, indent=2).encode())
     _print_summary(manifest, config.out)
     return manifest
+
+
+def _engine(config: PrepareConfig, clips: int) -> str:
+    """Where the pending shards run: Ray when asked, when a cluster is (RAY_ADDRESS), or for a big job."""
+    if config.engine != "auto":
+        return config.engine
+    return "local" if clips <= LOCAL_MAX_CLIPS and not os.environ.get("RAY_ADDRESS") else "ray"
 
 
 def _remove_stale(out: Path, planned: set[str]) -> None:
@@ -268,15 +327,24 @@ def _manifest(config: PrepareConfig, listing: Listing, specs: list[ShardSpec], d
 
 
 class _Progress:
-    """A files-done bar on stderr (tqdm), so a long prepare shows it is moving."""
+    """Files done: a bar on a terminal (tqdm); elsewhere (a log, CI) a line about every 10% with an ETA."""
 
     def __init__(self, total: int, already: int) -> None:
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, initial=already, unit="file", desc="prepare", file=sys.stderr, disable=None)
+        self.total, self.done, self.started_at, self.started = total, already, already, time.perf_counter()
+        self.next_line = already + max(1, total // 10)
 
     def advance(self, count: int) -> None:
         self.bar.update(count)
+        self.done += count
+        if self.bar.disable and self.done >= self.next_line and self.done < self.total:
+            rate = (self.done - self.started_at) / max(time.perf_counter() - self.started, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            print(f"prepare: {self.done}/{self.total} files ({self.done / self.total:.0%}), ETA {eta:.0f} s",
+                  file=sys.stderr, flush=True)
+            self.next_line = self.done + max(1, self.total // 10)
 
     def close(self) -> None:
         self.bar.close()

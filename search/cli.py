@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from prune_core import GRANULARITIES, SCORERS, THRESHOLDS
+from prune_core.export import DEFAULT_OPSET
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -87,6 +88,8 @@ def _data_prepare(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         workers=args.workers,
         strict=args.strict,
+        engine=args.engine,
+        device=args.device,
     )
     manifest = prepare(config)
     if config.strict and manifest["quarantined"]:
@@ -270,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--shard-size", type=int, default=512)
     prep.add_argument("--workers", type=int, default=2)
     prep.add_argument("--strict", action="store_true", help="exit non-zero if any file was quarantined")
+    prep.add_argument("--engine", choices=["auto", "ray", "local"], default="auto",
+                      help="ray, this process, or auto: this process for at most 5,000 clips and no RAY_ADDRESS")
+    prep.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the features are computed")
     prep.set_defaults(run=_data_prepare)
 
     baseline = commands.add_parser("baseline", help="train the dense baseline on a prepared set (AST, ViT or BERT by its input)")
@@ -326,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the .onnx file to write")
     export.add_argument("--tokens", type=int, default=None,
                         help="text models: the example's sequence length (the graph's length stays dynamic)")
-    export.add_argument("--opset", type=int, default=18)
+    export.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help="ONNX opset; 23 (default) exports attention as ONNX's Attention op, which ONNX Runtime fuses")
     export.set_defaults(run=_export)
 
     ui = commands.add_parser("ui", help="the MLflow UI over runs/mlflow.db")

@@ -110,6 +110,21 @@ def test_rerun_skips_finished_shards(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
+def test_shards_are_the_same_bytes_on_ray_and_in_process_for_any_worker_count(tmp_path, capsys):
+    """The feature batches follow the shard's clips, not the machine: same content hash every way; the run
+    says which path it took. Quarantined files (the fixture has some) shift batches the same way everywhere."""
+    root = speech_commands(tmp_path / "sc")
+    hashes = {}
+    for engine, workers in (("local", 1), ("ray", 1), ("ray", 2)):
+        manifest = prepare(config(root, tmp_path / f"out-{engine}-{workers}", engine=engine, workers=workers))
+        assert manifest["engine"] == engine and manifest["quarantined"]
+        hashes[engine, workers] = manifest["content_hash"]
+    assert len(set(hashes.values())) == 1, hashes
+    err = capsys.readouterr().err
+    assert "in this process" in err and "on Ray (2 workers)" in err
+    assert prepare(config(root, tmp_path / "out-auto"))["engine"] == "local", "a small job skips Ray"
+
+
 def test_resume_after_a_killed_run(tmp_path):
     root = speech_commands(tmp_path / "sc")
     for k in range(40):  # enough shards that the run is still going when it is killed
