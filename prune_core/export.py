@@ -1,11 +1,13 @@
 """Export a dense or pruned model to ONNX, for ONNX Runtime (or TensorRT from ONNX) and MLflow's onnx flavour.
 
-torch's dynamo exporter (`torch.onnx.export(..., dynamo=True)`, torch 2.9's default) traces the model as it is:
-a pruned layer's ragged heads, zero-padded Q/K vs V dims and headless layers export as plain tensor ops, so
-every granularity needs nothing of its own. The graph takes the family's inputs by name (`input_values`,
-`pixel_values`, `input_ids` with `attention_mask`) with a dynamic batch, and a dynamic length for text, and
-returns `logits`. The TorchScript exporter (`dynamo=False`) is not used: on transformers 5's BERT it traces
-an embedding graph that ONNX Runtime computes wrongly (logits off by up to 1e-2 on a tiny BERT).
+torch's dynamo exporter (`torch.onnx.export(..., dynamo=True)`, torch 2.9's default) traces the model as it is: a
+pruned layer's ragged heads, zero-padded Q/K vs V dims and headless layers export as plain tensor ops, so every
+granularity needs nothing of its own. The graph takes the family's inputs by name (`input_values`, `pixel_values`,
+`input_ids` with `attention_mask`) with a dynamic batch, and a dynamic length for text, and returns `logits`. Opset
+23 (the default) exports attention as ONNX's `Attention` op, which ONNX Runtime runs fused; at opset 18 attention
+becomes matmul + softmax over the full score matrix. The TorchScript exporter (`dynamo=False`) is not used: on
+transformers 5's BERT it traces an embedding graph that ONNX Runtime computes wrongly (logits off by up to 1e-2 on a
+tiny BERT).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 
 from prune_core.adapters import example_input
 
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = 23  # ONNX Attention op: ONNX Runtime runs it fused (2x faster at 1,214 tokens than opset 18)
 TEXT_INPUTS = ("input_ids", "attention_mask")  # inputs whose length (dim 1) is the model's sequence, free
 
 
