@@ -29,7 +29,7 @@ import torch
 from benchmarks.common import (RESULTS, add_from_json, environment, log, markdown_table, paired_median, print_from_json,
                                rotated, write_results)
 from prune_core import GRANULARITIES, attention_sparsity, build_ast, prune
-from prune_core.export import export_onnx
+from prune_core.export import DEFAULT_OPSET, export_onnx
 
 BASE = {"num_labels": 35, "hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072,
         "num_mel_bins": 128}
@@ -54,14 +54,14 @@ def models_at(config: dict, frames: int) -> dict[str, torch.nn.Module]:
     return models
 
 
-def exported(models: dict[str, torch.nn.Module], folder: Path, inputs: torch.Tensor) -> tuple[dict, dict]:
+def exported(models: dict[str, torch.nn.Module], folder: Path, inputs: torch.Tensor, opset: int) -> tuple[dict, dict]:
     """(model -> its ONNX Runtime session, model -> its export facts), each export checked on `inputs`."""
     import onnxruntime
 
     sessions, facts = {}, {}
     for name, model in models.items():
         started = time.perf_counter()
-        path = export_onnx(model, folder / f"{name}.onnx")
+        path = export_onnx(model, folder / f"{name}.onnx", opset=opset)
         exported_s = time.perf_counter() - started
         sessions[name] = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         with torch.no_grad():
@@ -120,7 +120,7 @@ def measure(args: argparse.Namespace) -> dict:
             generator = torch.Generator().manual_seed(1)
             log(f"{frames} frames: exporting {len(models)} models")
             sessions, facts = exported(models, Path(scratch) / str(frames),
-                                       torch.randn(2, frames, config["num_mel_bins"], generator=generator))
+                                       torch.randn(2, frames, config["num_mel_bins"], generator=generator), args.opset)
             for label, batch in ((label, batch) for label, f, batch in shapes if f == frames):
                 calls = runners(models, sessions, torch.randn(batch, frames, config["num_mel_bins"], generator=generator))
                 repeats = args.repeats or (5 if frames >= 1024 else 11)
@@ -140,7 +140,8 @@ def measure(args: argparse.Namespace) -> dict:
                     })
             del sessions, models
     return {"environment": environment(packages=("torch", "transformers", "onnx", "onnxruntime")),
-            "threads": torch.get_num_threads(), "config": config, "amount": AMOUNT, "quick": args.quick, "rows": rows}
+            "threads": torch.get_num_threads(), "config": config, "amount": AMOUNT, "opset": args.opset, "quick": args.quick,
+            "rows": rows}
 
 
 def markdown(results: dict) -> str:
@@ -150,7 +151,8 @@ def markdown(results: dict) -> str:
              f"{r['ort_over_eager']:.2f}x", f"{r['eager_speedup']:.2f}x", f"{r['ort_speedup']:.2f}x",
              f"{r['speedup_ratio']:.2f}") for r in results["rows"]]
     return "\n".join([
-        f"Medians of {', '.join(sorted({str(r['repeats']) for r in results['rows']}))} interleaved rounds, "
+        f"ONNX opset {results['opset']}. Medians of {', '.join(sorted({str(r['repeats']) for r in results['rows']}))} "
+        "interleaved rounds, "
         f"{results['threads']} threads, {results['environment'].get('cpu', 'CPU')}; speedups are medians of per-round "
         "ratios dense / pruned within one runtime.", "", *markdown_table(header, rows)])
 
@@ -159,6 +161,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tiny AST, for the smoke test (seconds)")
     parser.add_argument("--repeats", type=int, default=None, help="rounds per shape (default 11; 5 at 1,214 tokens)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="the ONNX opset to export at")
     parser.add_argument("--out", type=Path, default=RESULTS / "onnx_runtime.json")
     add_from_json(parser)
     return parser.parse_args(argv)
