@@ -33,6 +33,8 @@ TABLES = {
     "depth_vs_width": ("depth_vs_width", "markdown", "depth_vs_width-cpu.json"),
     "speed_search": ("speed_search", "markdown", "speed_search-cpu.json"),
     "latency_model": ("latency_model", "markdown", "latency_model-cpu.json"),
+    "onnx_runtime-opset18": ("onnx_runtime", "markdown", "onnx_runtime-opset18.json"),
+    "onnx_runtime": ("onnx_runtime", "markdown", "onnx_runtime.json"),
 }
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n).*?(<!-- /table -->)", re.S)
 
