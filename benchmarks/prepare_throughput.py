@@ -144,13 +144,13 @@ def ray_prepare(source: Path, out: Path, size: tuple[int, int], workers: int, cl
                                features=FeatureParams(num_mel_bins=size[0], max_length=size[1]), workers=workers)
         start = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # its summary; stdout is for the table
-            prepare(config)
+            manifest = prepare(config)
         seconds = time.perf_counter() - start
     finally:
         ray.shutdown()
     start_s = sum(started[part] for part in ("ray_init_s", "worker_import_s", "ray_data_start_s"))
     return {**started, "seconds": seconds, "ray_start_s": start_s, "clips_per_s": clips / seconds,
-            "end_to_end_clips_per_s": clips / (seconds + start_s)}
+            "end_to_end_clips_per_s": clips / (seconds + start_s), "stage_seconds": manifest["stage_seconds"]}
 
 
 def local_prepare(source: Path, out: Path, size: tuple[int, int], clips: int) -> dict:
@@ -160,9 +160,9 @@ def local_prepare(source: Path, out: Path, size: tuple[int, int], clips: int) ->
                            features=FeatureParams(num_mel_bins=size[0], max_length=size[1]))
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
-        prepare(config)
+        manifest = prepare(config)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "clips_per_s": clips / seconds}
+    return {"seconds": seconds, "clips_per_s": clips / seconds, "stage_seconds": manifest["stage_seconds"]}
 
 
 def bench_fbank(size: tuple[int, int], source: Path, rounds: int, clips: int = 512) -> dict:
@@ -215,6 +215,9 @@ def bench_prepare(size: tuple[int, int], source: Path, out: Path, rounds: int) -
     for name, runs_ in samples.items():
         variants[name] = {"clips_per_s": summary([s["clips_per_s"] for s in runs_]), "runs": runs_,
                           "speedup": paired_median(seconds[baseline], seconds[name])}
+        if name.startswith("prepare"):  # where the shard tasks' time went, summed over shards (worker seconds)
+            variants[name]["stage_seconds"] = {stage: statistics.median(s["stage_seconds"][stage] for s in runs_)
+                                               for stage in runs_[0]["stage_seconds"]}
         if name.startswith("prepare-w"):
             variants[name]["end_to_end_clips_per_s"] = summary([s["end_to_end_clips_per_s"] for s in runs_])
             for part in ("ray_start_s", "ray_init_s", "worker_import_s", "ray_data_start_s"):
@@ -297,7 +300,7 @@ def markdown(results: dict) -> str:
     points = [p for size in results["sizes"].values() for p in (size.get("prepare"), size.get("loader")) if p]
     highest = max((run["loadavg_1min"]["after"] for p in points for v in p["variants"].values() for run in v["runs"]),
                   default=0.0)
-    prepared, loaded, fbanks = [], [], []
+    prepared, loaded, fbanks, stages = [], [], [], []
     for name, size in results["sizes"].items():
         features = f"{name} {size['mel']}x{size['frames']}"
         part = size["prepare"]
@@ -306,6 +309,12 @@ def markdown(results: dict) -> str:
                    f"{v['ray_start_s']['median']:.1f}") if variant.startswith("prepare-w") else ("", "", "")
             prepared.append((features, part["clips"], variant, f"{v['clips_per_s']['median']:.0f}",
                              f"{v['speedup']:.2f}x", *ray))
+        for variant, v in part["variants"].items():
+            if "stage_seconds" in v:
+                wall = statistics.median(run["seconds"] for run in v["runs"])
+                spent = v["stage_seconds"]
+                stages.append((features, variant, f"{wall:.1f}", *(f"{spent[s]:.1f}" for s in spent),
+                               f"{wall * (1 if variant == 'prepare-local' else int(variant[-1])) - sum(spent.values()):.1f}"))
         part = size.get("fbank")
         if part:
             fbanks += [(features, part["clips"], variant, f"{v['clips_per_s']['median']:.0f}", f"{v['speedup']:.2f}x")
@@ -330,6 +339,12 @@ def markdown(results: dict) -> str:
         "",
         *(markdown_table(("features", "clips", "features alone, 1 thread", "clips/s", "speedup"), fbanks) + [""]
           if fbanks else []),
+        *(markdown_table(("features", "variant", "wall s", "decode s", "features s", "rows s", "write s",
+                          "outside the shard tasks s"), stages)
+          + ["", "Where `prepare`'s time goes: seconds per stage summed over its shard tasks (worker seconds: with 2 "
+             "workers they add up to twice the wall time), medians over rounds; outside = wall x workers minus the "
+             "stages (listing, planning, Ray's scheduling, statistics, the manifest and its content hash)", ""]
+          if stages else []),
         *markdown_table(("features", "train rows", "loader", "samples/s", "shard loader speedup"), loaded),
         "",
         f"Batch {BATCH}, shuffled, no augmentation; on-the-fly-wN: a DataLoader with N (persistent) workers "

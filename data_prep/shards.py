@@ -39,6 +39,7 @@ DEVICES = ("cpu", "cuda")
 FEATURE_BATCH = 32  # clips per fbank_batch call: fixed, so that a shard's bytes never depend on the machine
 DECODE_THREADS = 4  # soundfile releases the GIL while it decodes
 LOCAL_MAX_CLIPS = 5000  # `engine: auto` prepares at most this many clips in this process, without Ray
+STAGES = ("decode", "features", "rows", "write")  # a shard task's stages, timed in its sidecar
 
 
 @dataclass(frozen=True)
@@ -143,12 +144,23 @@ def _decoded(clip: Clip, features: FeatureParams) -> torch.Tensor | AudioError:
 
 def write_shard(spec: ShardSpec, out: Path, task: str, features: FeatureParams, dtype: str,
                 device: str = "cpu") -> dict:
-    """Compute one shard's features and write it atomically; returns its sidecar (stats, quarantine)."""
+    """Compute one shard's features and write it atomically; returns its sidecar (stats, quarantine, and the
+    seconds each stage took: decode, features, rows (statistics and dtype), write)."""
     rows: dict[str, list] = {name: [] for name in ("id", "split", "label", "features", "frames", "path")}
     stats = RunningStats()
     quarantined = []
+    seconds = dict.fromkeys(STAGES, 0.0)
+    mark = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        seconds[stage] += now - mark
+        mark = now
+
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
         decoded = list(pool.map(lambda clip: _decoded(clip, features), spec.clips))
+    lap("decode")
     kept = []
     for clip, audio in zip(spec.clips, decoded):
         if isinstance(audio, AudioError):
@@ -158,6 +170,7 @@ def write_shard(spec: ShardSpec, out: Path, task: str, features: FeatureParams, 
     for start in range(0, len(kept), FEATURE_BATCH):
         group = kept[start: start + FEATURE_BATCH]
         matrices, counts = fbank_batch([audio for _, audio in group], features, device)
+        lap("features")
         for (clip, _), matrix, frames in zip(group, matrices, counts):
             stats.update(matrix[:frames])
             rows["id"].append(clip.id)
@@ -166,6 +179,7 @@ def write_shard(spec: ShardSpec, out: Path, task: str, features: FeatureParams, 
             rows["features"].append(matrix.numpy().astype(np.float16 if dtype == "float16" else np.float32).ravel())
             rows["frames"].append(frames)
             rows["path"].append(clip.path)
+        lap("rows")
     target = out / spec.name
     target.parent.mkdir(parents=True, exist_ok=True)
     if rows["id"]:
@@ -178,12 +192,14 @@ def write_shard(spec: ShardSpec, out: Path, task: str, features: FeatureParams, 
         temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         pq.write_table(table, temporary)
         os.replace(temporary, target)
+    lap("write")
     sidecar = {
         "key": spec.key,
         "shard": spec.name,
         "rows": len(rows["id"]),
         "stats": stats.to_dict(),
         "quarantined": quarantined,
+        "seconds": seconds,
     }
     _atomic_write_bytes(target.with_suffix(".json"), json.dumps(sidecar).encode())
     return sidecar
@@ -255,6 +271,8 @@ def prepare(config: PrepareConfig) -> dict:
     progress.close()
     manifest = _manifest(config, listing, specs, done, time.perf_counter() - started)
     manifest["engine"] = engine  # where this run computed its shards (None: all were done before)
+    # seconds per stage summed over the shards this run computed (worker seconds, not wall time)
+    manifest["stage_seconds"] = {stage: sum(done[spec.name]["seconds"][stage] for spec in pending) for stage in STAGES}
     _atomic_write_bytes(config.out / MANIFEST, json.dumps(manifest, indent=2).encode())
     _print_summary(manifest, config.out)
     return manifest

@@ -108,6 +108,10 @@ def test_rerun_skips_finished_shards(tmp_path):
     second = prepare(settings)
     assert second["content_hash"] == first["content_hash"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # where the time went: the first run computed every shard, the second none
+    assert set(first["stage_seconds"]) == {"decode", "features", "rows", "write"}
+    assert min(first["stage_seconds"].values()) > 0 and first["engine"] == "local"
+    assert second["engine"] is None and set(second["stage_seconds"].values()) == {0}
 
 
 def test_shards_are_the_same_bytes_on_ray_and_in_process_for_any_worker_count(tmp_path, capsys):
