@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -261,11 +261,15 @@ def prepare(config: PrepareConfig) -> dict:
 
         engine = _engine(config, sum(len(spec.clips) for spec in pending))
         print(f"prepare: {sum(len(spec.clips) for spec in pending)} clips in {len(pending)} shards, "
-              + ("in this process (a small job: Ray's start-up would cost more)" if engine == "local"
+              + (f"in this process, {config.workers} shards at a time (a small job: Ray's start-up would cost more)"
+                 if engine == "local"
                  else f"on Ray ({config.workers} worker{'s' if config.workers > 1 else ''})") + f", features on {config.device}", file=sys.stderr)
-        if engine == "local":
-            for spec in pending:
-                on_done(write_shard(spec, config.out, listing.task, config.features, config.dtype, config.device))
+        if engine == "local":  # `workers` shards at once in threads: decoding, torch and Parquet release the GIL
+            with ThreadPoolExecutor(config.workers) as pool:
+                futures = [pool.submit(write_shard, spec, config.out, listing.task, config.features, config.dtype,
+                                       config.device) for spec in pending]
+                for future in as_completed(futures):
+                    on_done(future.result())
         else:
             _run_on_ray(pending, config, listing.task, on_done)
     progress.close()
