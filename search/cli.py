@@ -197,6 +197,8 @@ def _profile(args: argparse.Namespace) -> int:
     from prune_core.latency_model import QUICK, profile, save_table
 
     grid = dict(QUICK) if args.quick else {}
+    if args.model:
+        grid.update(_architecture(args.model))
     for flag, key in (("tokens", "tokens"), ("batch", "batches")):
         text = getattr(args, flag)
         if text is not None:
@@ -214,6 +216,21 @@ def _profile(args: argparse.Namespace) -> int:
           f"in {done['wall_s']:.0f} s, worst spread {done['worst_spread']:.0%}, {done['remeasured']} re-measured "
           f"alone{left_out}; wrote {args.out}")
     return 0
+
+
+def _architecture(model: str) -> dict:
+    """`profile`'s sizes for the AST saved in `model` (a save_pretrained or save_pruned folder, or a hub id):
+    its hidden, head, layer, MLP, mel and label counts, and its own token count (2 + frequency x time patches)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model)
+    if config.model_type != "audio-spectrogram-transformer":
+        raise ValueError(f"--model {model}: a {config.model_type} model; the latency model profiles ASTs only")
+    patches = ((config.num_mel_bins - config.patch_size) // config.frequency_stride + 1) * (
+        (config.max_length - config.patch_size) // config.time_stride + 1)
+    return {"hidden_size": config.hidden_size, "num_heads": config.num_attention_heads,
+            "num_layers": config.num_hidden_layers, "intermediate_size": config.intermediate_size,
+            "num_mel_bins": config.num_mel_bins, "num_labels": config.num_labels, "tokens": (patches + 2,)}
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -351,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                          help="wall time, or with --threads 1 on a shared CPU the thread's CPU time (steadier)")
     profile.add_argument("--quick", action="store_true", help="a tiny grid for the tests' tiny AST (seconds)")
+    profile.add_argument("--model", default=None, help="profile this AST's architecture (a saved folder or hub id, e.g. "
+                         "the search's baseline) at its own token count, instead of AST-base's")
     profile.add_argument("--out", required=True, help="the JSON table to write")
     profile.set_defaults(run=_profile)
 

@@ -18,7 +18,7 @@ from prune_core.attention import LayerShape
 from prune_core.latency_model import (LatencyTableError, LatencyTableWarning, _calibrate, device_name, layer_latency,
                                       load_table, predicted_latency, predicted_speedup, save_table)
 from search.cli import main
-from tests.conftest import attention_layers, tiny_ast
+from tests.conftest import attention_layers, tiny_ast, tiny_vit
 
 HEADS, DIMS = (1, 2, 4), (1, 4, 8)
 SCALE = {(8, 1): 1.0, (8, 4): 4.0, (32, 1): 16.0, (32, 4): 64.0}  # every cell of a (tokens, batch) is scaled by this
@@ -303,3 +303,30 @@ def test_benchmark_quick_reports_errors_against_measurements(tmp_path, capsys):
     capsys.readouterr()
     assert bench.main(["--from-json", str(out)]) == 0
     assert capsys.readouterr().out.strip() == bench.markdown(results)
+
+
+def test_profile_of_a_saved_model_uses_its_architecture_and_token_count(tmp_path, capsys):
+    """`profile --model DIR`: the search's own baseline, not AST-base: 3 layers of 2 heads, 50 frames x 32 mel
+    bins = 2 x 4 patches + 2 tokens, by hand."""
+    from prune_core import build_ast
+
+    model = build_ast(num_labels=3, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=48, num_mel_bins=32,
+                      max_length=50).eval()
+    model.save_pretrained(tmp_path / "baseline")
+    out = tmp_path / "table.json"
+    threads = torch.get_num_threads()
+    try:
+        command = ["profile", "--device", "cpu", "--quick", "--model", str(tmp_path / "baseline"), "--threads", "1",
+                   "--clock", "cpu", "--out", str(out)]
+        assert main(command) == 0
+        table = load_table(out)
+        torch.set_num_threads(1)
+        assert table["pairs"] == [[10, 1], [10, 2]]
+        assert predicted_latency(model, table, tokens=10, batch=2) > 0  # the architecture check passes
+        with pytest.raises(LatencyTableError):
+            predicted_latency(tiny_ast(), table, tokens=10, batch=1)  # another architecture is refused
+    finally:
+        torch.set_num_threads(threads)
+    tiny_vit().save_pretrained(tmp_path / "vit")
+    assert main(["profile", "--model", str(tmp_path / "vit"), "--quick", "--out", str(tmp_path / "v.json")]) == 2
+    assert "profiles ASTs only" in capsys.readouterr().err
