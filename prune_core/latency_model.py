@@ -745,6 +745,35 @@ def save_table(table: Mapping, path: str | Path) -> Path:
     return path
 
 
+def tables_in(path: str | Path) -> list[dict]:
+    """The tables `path` names: the file itself, or every `*.json` table in a folder (one per node type)."""
+    path = Path(path)
+    if not path.is_dir():
+        return [load_table(path)]
+    tables = [load_table(file) for file in sorted(path.glob("*.json"))]
+    if not tables:
+        raise LatencyTableError(f"{path}: a folder with no latency table (*.json); write one per node type with "
+                                "prune-search profile --out {path}/<name>.json")
+    return tables
+
+
+def table_for(path: str | Path, device: torch.device | str) -> dict:
+    """The table for `device` (this machine's, by type and name) from `path`: a file is returned as it is (its
+    device is checked when it predicts); from a folder, the table profiled on this device, else an error
+    naming the devices the folder covers."""
+    tables = tables_in(path)
+    if not Path(path).is_dir():
+        return tables[0]
+    device = torch.device(device)
+    here = (device.type, device_name(device))
+    found = [table for table in tables if (table["device"], table["device_name"]) == here]
+    if not found:
+        covered = ", ".join(f"{t['device']} {t['device_name']!r}" for t in tables)
+        raise LatencyTableError(f"{path}: no latency table for this node's {here[0]} {here[1]!r} (the folder has "
+                                f"{covered}); profile it there with prune-search profile --device {here[0]}")
+    return found[0]
+
+
 def load_table(path: str | Path) -> dict:
     """Read and validate a table `save_table` wrote."""
     path = Path(path)

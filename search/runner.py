@@ -25,6 +25,7 @@ from search.baseline import RECORD as BASELINE_RECORD
 from search.results import SearchState, finish, load_state, save_state
 from search.schedulers import StepBudget, build_scheduler
 from search.searchers import build_searcher, trial_count
+from search.simulation import SimulationSettings, run_simulated_trial
 from search.space import ConfigError, SearchConfig, load_config
 from search.tracking import MlflowTracker, end_lost_runs, experiment_id, fail_fast, parent_run, tracking_uri
 from search.trainable import TrialSettings, run_trial
@@ -58,7 +59,8 @@ def run(config: SearchConfig, *, address: str | None = None, runs_dir: Path = Pa
          "schedule": config.schedule, "trials": trial_count(config), "objective": config.objective,
          "objectives": ",".join(config.objectives),
          "multi_objective": config.multi_objective,
-         "searcher": config.searcher, "scheduler": config.scheduler, **warm_params},
+         "searcher": config.searcher, "scheduler": config.scheduler, "simulated": config.simulate is not None,
+         **warm_params},
     )
     storage = _storage(config.storage)
     state = SearchState(
@@ -96,7 +98,7 @@ def run(config: SearchConfig, *, address: str | None = None, runs_dir: Path = Pa
             verbose=1,
         ),
     )
-    return finish(tuner.fit(), config.experiment, state, runs_dir)
+    return _finish(tuner.fit(), config, state, runs_dir)
 
 
 def resume(experiment: str, *, address: str | None = None, runs_dir: Path = Path("runs")) -> int:
@@ -111,7 +113,7 @@ def resume(experiment: str, *, address: str | None = None, runs_dir: Path = Path
         raise ValueError(f"{state.experiment_dir}: no Ray Tune experiment to resume there")
     _end_lost_runs(state)
     tuner = tune.Tuner.restore(state.experiment_dir, trainable=_trainable(settings), resume_unfinished=True, resume_errored=True)
-    return finish(tuner.fit(), config.experiment, state, runs_dir)
+    return _finish(tuner.fit(), config, state, runs_dir)
 
 
 def _end_lost_runs(state: SearchState) -> None:
@@ -128,6 +130,8 @@ def _end_lost_runs(state: SearchState) -> None:
 
 
 def _check_inputs(config: SearchConfig) -> dict:
+    if config.simulate:  # a simulation reads no data set and no baseline: its config says the task
+        return {"task": config.simulate.task}
     manifest = read_manifest(Path(config.data))
     if config.eval_split not in manifest["splits"] or not manifest["splits"][config.eval_split]["rows"]:
         raise ValueError(f"{config.source}: eval_split {config.eval_split!r} is empty in {config.data}")
@@ -144,18 +148,19 @@ def _check_inputs(config: SearchConfig) -> dict:
 
 
 def _check_latency_table(config: SearchConfig) -> None:
-    """The table must cover the baseline's layers at `speedup_at`: checked before Ray starts, so that a table that
-    cannot serve fails here and not in every trial. Its device is checked where trials run (the driver may be a
-    CPU head of a GPU cluster)."""
+    """The table (every table, when `latency_table` is a folder of one per node type) must cover the baseline's
+    layers at `speedup_at`: checked before Ray starts, so that a table that cannot serve fails here and not in
+    every trial. The device is checked where trials run (the driver may be a CPU head of a GPU cluster)."""
     from prune_core.adapters import attention_sites
-    from prune_core.latency_model import layer_latency, load_table
+    from prune_core.latency_model import layer_latency, tables_in
     from prune_core.models import load_model
 
     at = config.speedup_at
     try:
-        table = load_table(config.latency_table)
-        for site in attention_sites(load_model(config.baseline)):
-            layer_latency(table, site.shape, tokens=at.tokens, batch=at.batch)
+        shapes = [site.shape for site in attention_sites(load_model(config.baseline))]
+        for table in tables_in(config.latency_table):
+            for shape in shapes:
+                layer_latency(table, shape, tokens=at.tokens, batch=at.batch)
     except ValueError as error:
         raise ConfigError(f"{config.source}: latency_table: {config.latency_table}: {error}") from error
 
@@ -203,7 +208,9 @@ def dense_splits(config: SearchConfig, dense: float) -> dict[str, float]:
 
 
 def _dense_metric(settings: TrialSettings) -> float:
-    """The baseline's metric on the evaluation split, computed once on trial-like resources."""
+    """The baseline's metric on the evaluation split, computed once on trial-like resources (a simulation's: given)."""
+    if settings.search.simulate:
+        return settings.search.simulate.dense_metric
     resources = settings.search.resources
 
     @ray.remote(num_cpus=resources.cpu, num_gpus=resources.gpu, resources=dict(resources.custom))
@@ -223,10 +230,22 @@ def _dense_metric(settings: TrialSettings) -> float:
 
 
 def _trainable(settings: TrialSettings):
-    resources = settings.search.resources
-    return tune.with_resources(
-        tune.with_parameters(run_trial, settings=settings), {"cpu": resources.cpu, "gpu": resources.gpu, **resources.custom}
-    )
+    search = settings.search
+    if search.simulate:  # the stand-in for scale runs: no torch in the trials' processes
+        simulated = SimulationSettings.of(search, settings.metric_name, settings.dense_metric)
+        trainable = tune.with_parameters(run_simulated_trial, settings=simulated)
+    else:
+        trainable = tune.with_parameters(run_trial, settings=settings)
+    resources = search.resources
+    return tune.with_resources(trainable, {"cpu": resources.cpu, "gpu": resources.gpu, **resources.custom})
+
+
+def _finish(results, config: SearchConfig, state: SearchState, runs_dir: Path) -> int:
+    """`finish`, and under a simulated search's summary, that it was one."""
+    code = finish(results, config.experiment, state, runs_dir)
+    if config.simulate:
+        print(f"SIMULATED search: trials modelled {state.metric} against sparsity (search.simulation); nothing was pruned")
+    return code
 
 
 def _storage(storage: str) -> str:

@@ -23,6 +23,7 @@ import yaml
 
 from data_prep.loader import LoaderConfig
 from prune_core import GRANULARITIES, SCORERS, THRESHOLDS
+from prune_core.metrics import TASKS
 from prune_core.session import SCHEDULES
 
 SEARCHERS = ("optuna", "random", "grid")  # TPE (or NSGA-II), Optuna's random sampler, every combination
@@ -124,6 +125,18 @@ class PbtConfig:
 
 
 @dataclass(frozen=True)
+class SimulateConfig:
+    """A simulated search (search.simulation) for scale runs: each trial models its metric against sparsity instead
+    of pruning, a step lasting `step_seconds` and checkpointing `checkpoint_mb` of stand-in weights (the demo
+    model's size); `dense_metric` and `task` stand in for the baseline and the data set, which it does not read."""
+
+    step_seconds: float = 5.0
+    checkpoint_mb: float = 2.4
+    dense_metric: float = 0.95
+    task: str = "single_label"
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     """A whole search: data, baseline, budget, the space, the scheduler and where results go."""
 
@@ -159,6 +172,7 @@ class SearchConfig:
     asha: AshaConfig = field(default_factory=AshaConfig)
     pbt: PbtConfig = field(default_factory=PbtConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)  # its seed is the search's `seed`
+    simulate: SimulateConfig | None = None  # set: a simulated search, no data set or baseline read
     source: str = "<config>"
 
 
@@ -232,6 +246,8 @@ def parse_config(raw: dict, source: str = "<config>") -> SearchConfig:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise _fail(source, unknown[0], f"unknown key; known keys: {sorted(known)}")
+    if raw.get("simulate") is not None:  # a simulated search reads no data set and no baseline
+        raw = {"data": "simulated", "baseline": "simulated", **raw}
     for key in ("experiment", "data", "baseline", "space"):
         if key not in raw:
             raise _fail(source, key, "missing (required)")
@@ -254,7 +270,7 @@ def parse_config(raw: dict, source: str = "<config>") -> SearchConfig:
                 raise _fail(source, f"space.{param.name}", f"{value!r} is not {_EXPECTED[param.name]}")
         if param.distribution and param.name in ("granularity", "scorer", "threshold", "min_heads"):
             raise _fail(source, f"space.{param.name}", "must be a list of names, not a distribution")
-    parsed = ("space", "resources", "asha", "pbt", "loader", "points_to_evaluate", *_FRONT_KEYS)
+    parsed = ("space", "resources", "asha", "pbt", "loader", "simulate", "points_to_evaluate", *_FRONT_KEYS)
     values = {k: v for k, v in raw.items() if k not in parsed}
     points = raw.get("points_to_evaluate", ())
     if points == "paper":
@@ -271,6 +287,7 @@ def parse_config(raw: dict, source: str = "<config>") -> SearchConfig:
         resources=_section(source, "resources", Resources, raw.get("resources")),
         asha=_section(source, "asha", AshaConfig, raw.get("asha")),
         pbt=_section(source, "pbt", PbtConfig, raw.get("pbt")),
+        simulate=None if raw.get("simulate") is None else _section(source, "simulate", SimulateConfig, raw["simulate"]),
         loader=_section(source, "loader", LoaderConfig, raw.get("loader"), seed=seed),
         source=source,
         **_front(source, raw),
@@ -280,7 +297,8 @@ def parse_config(raw: dict, source: str = "<config>") -> SearchConfig:
 
 
 _FRONT_KEYS = ("objectives", "latency_table", "speedup_at", "epsilon")
-_PROFILE = "build one with `prune-search profile --device cpu --out FILE`"
+_PROFILE = ("build one with `prune-search profile --device cpu --out FILE` (or a folder of one per node type, "
+            "each built on that node type)")
 
 
 def _front(source: str, raw: dict) -> dict[str, Any]:
@@ -301,8 +319,8 @@ def _front(source: str, raw: dict) -> dict[str, Any]:
             raise _fail(source, key, f"required with speedup among the objectives: {needed}")
     table, at = raw.get("latency_table"), raw.get("speedup_at")
     if speedup:
-        if not isinstance(table, str) or not Path(table).is_file():
-            raise _fail(source, "latency_table", f"no such file: {table!r}; {_PROFILE}")
+        if not isinstance(table, str) or not Path(table).exists():
+            raise _fail(source, "latency_table", f"no such file or folder: {table!r}; {_PROFILE}")
         table = str(Path(table).resolve())
         if not isinstance(at, dict):
             raise _fail(source, "speedup_at", f"a mapping of tokens and batch, e.g. {{tokens: 146, batch: 1}}; got {at!r}")
@@ -382,6 +400,8 @@ def _validate(config: SearchConfig) -> None:
         raise _fail(source, "asha.grace_period", "must be below the target sparsity in percent, or ASHA never stops a trial")
     if config.scheduler == "pbt":
         _validate_pbt(config)
+    if config.simulate is not None:
+        _validate_simulate(config)
     choices = {p.name: p for p in config.space}
     for index, point in enumerate(config.points_to_evaluate):
         for key, value in point.items():
@@ -390,6 +410,24 @@ def _validate(config: SearchConfig) -> None:
             param = choices[key]
             if param.choices is not None and value not in param.choices:
                 raise _fail(source, f"points_to_evaluate[{index}].{key}", f"{value!r} is not among the choices {list(param.choices)}")
+
+
+def _validate_simulate(config: SearchConfig) -> None:
+    """A simulation models the metric against sparsity only; its stand-ins must be numbers that can run."""
+    source, simulate = config.source, config.simulate
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    for key in ("step_seconds", "checkpoint_mb"):
+        if not (number(getattr(simulate, key)) and getattr(simulate, key) > 0):
+            raise _fail(source, f"simulate.{key}", f"a number > 0, got {getattr(simulate, key)!r}")
+    if not (number(simulate.dense_metric) and 0 < simulate.dense_metric <= 1):
+        raise _fail(source, "simulate.dense_metric", f"the dense model's metric, in (0, 1]; got {simulate.dense_metric!r}")
+    if simulate.task not in TASKS:
+        raise _fail(source, "simulate.task", f"one of {list(TASKS)}, got {simulate.task!r}")
+    if "speedup" in config.objectives:
+        raise _fail(source, "objectives", "a simulated search models accuracy and sparsity only: drop speedup or simulate")
 
 
 def _validate_pbt(config: SearchConfig) -> None:

@@ -24,7 +24,7 @@ from ray import tune
 from data_prep.loader import make_loader, soft_target_loss
 from prune_core import load_model
 from prune_core.accounting import latency_ms, layer_sparsity
-from prune_core.latency_model import load_table, predicted_speedup
+from prune_core.latency_model import predicted_speedup, table_for
 from prune_core.finetune import LoraSettings
 from prune_core.metrics import METRIC_NAME, evaluate
 from prune_core.session import PruningSession, SessionConfig, Strategy, steps_to_target
@@ -106,7 +106,8 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
         "loss_fn": soft_target_loss,
     }
     # the speed objective: predicted from the device's latency table, the same on every node of a type
-    table = load_table(search.latency_table) if search.latency_table else None
+    device = "cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu"
+    table = table_for(search.latency_table, device) if search.latency_table else None
     trial_id = tune.get_context().get_trial_id()
     segment = {"trial_id": trial_id, "segment": int(config.get("segment", 0)), "cloned_from": config.get("cloned_from", "")}
     checkpoint = tune.get_checkpoint()

@@ -172,6 +172,28 @@ def test_a_table_from_another_device_is_refused():
         predicted_speedup(tiny_ast(), table, 8, 1)
 
 
+def test_a_folder_of_tables_serves_each_node_type_its_own(tmp_path):
+    """`latency_table: DIR`, one table per node type: a trial gets its own device's table, by type and name."""
+    from prune_core.latency_model import table_for
+
+    here = hand_table()
+    gpu = {**hand_table(attention_scale=2.0), "device": "cuda", "device_name": "NVIDIA H200"}
+    other_cpu = {**hand_table(attention_scale=3.0), "device_name": "Some Other CPU 9000"}
+    for name, table in (("a-gpu", gpu), ("b-here", here), ("c-other", other_cpu)):
+        save_table(table, tmp_path / "tables" / f"{name}.json")
+    chosen = table_for(tmp_path / "tables", "cpu")
+    assert chosen == load_table(tmp_path / "tables" / "b-here.json")
+    assert predicted_latency(tiny_ast(), chosen, tokens=8, batch=1) > 0
+    (tmp_path / "tables" / "b-here.json").unlink()
+    with pytest.raises(LatencyTableError, match=r"no latency table for this node's cpu .*the folder has cuda "
+                                                r"'NVIDIA H200', cpu 'Some Other CPU 9000'"):
+        table_for(tmp_path / "tables", "cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LatencyTableError, match="a folder with no latency table"):
+        table_for(tmp_path / "empty", "cpu")
+    assert table_for(tmp_path / "tables" / "a-gpu.json", "cpu")["device"] == "cuda", "a file is taken as it is"
+
+
 def test_another_torch_version_warns_and_still_predicts():
     table = {**hand_table(), "torch": "1.13.0"}
     with pytest.warns(LatencyTableWarning, match=re.escape(f"torch 1.13.0, this is torch {torch.__version__}")):
