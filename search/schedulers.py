@@ -265,9 +265,12 @@ class StrategyPbt(PopulationBasedTraining):
         """As Ray's, but a top trial is cloned from its latest step checkpoint: every step reports one, while
         Ray's PBT only holds one for a trial taken at that trial's own last perturbation in the top quantile."""
         for top in upper_quantile:
-            if top is not trial and top.checkpoint is not None and not self._final(top):
+            # the checkpoint and the result that describes it, taken together: a trial just cloned holds its
+            # source's checkpoint while its `last_result` is still its own old one (which model is ragged)
+            latest = top.latest_checkpoint_result
+            if top is not trial and latest is not None and latest.checkpoint is not None and not self._final(top):
                 state = self._trial_state[top]
-                state.last_checkpoint, state.last_result = top.checkpoint, top.last_result
+                state.last_checkpoint, state.last_result = latest.checkpoint, latest.metrics
         super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, lower_quantile)
 
     def _get_new_config(self, trial, trial_to_clone) -> tuple[dict, dict]:

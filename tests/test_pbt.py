@@ -46,7 +46,7 @@ class FakeTrial:
     experiment_tag = ""
 
     def __init__(self, trial_id: str, config: dict | None = None) -> None:
-        self.trial_id, self.config, self.last_result, self.checkpoint = trial_id, config or {}, {}, None
+        self.trial_id, self.config, self.last_result, self.latest_checkpoint_result = trial_id, config or {}, {}, None
 
     def is_finished(self) -> bool:
         return False
@@ -114,6 +114,29 @@ def test_a_clone_carries_its_lineage_and_its_curve():
     assert (new["segment"], new["cloned_from"]) == (2, "top/2")
     assert GRANULARITIES[new["granularity"]].ragged_heads
     assert scheduler.curves["weak"] == {1: (0.1, 0.9), 2: (0.2, 0.88)}
+
+
+def test_a_just_cloned_trial_is_cloned_with_the_result_of_the_checkpoint_it_holds(monkeypatch):
+    """Ray's exploit hands a clone its source's checkpoint (with the source's result) while the clone's
+    `last_result` stays its own old one. Cloned again before it reports, the next clone must be explored from
+    the model it really gets: here a ragged one, so only granularities that prune ragged heads may follow."""
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    scheduler = StrategyPbt(pbt_config(), "accuracy", 0.9)
+    just_cloned, weak = FakeTrial("clone", {"granularity": "variable_per_head"}), FakeTrial("weak")
+    just_cloned.last_result = {"step": 1, "ragged_heads": False, "final": False}  # its own, before the clone
+    source_result = {"step": 3, "ragged_heads": True, "final": False}  # what its checkpoint holds now
+    just_cloned.latest_checkpoint_result = _TrainingResult(checkpoint="source-step-3", metrics=source_result)
+    for trial in (just_cloned, weak):
+        scheduler._trial_state[trial] = _PBTTrialState(trial)
+    monkeypatch.setattr(PopulationBasedTraining, "_checkpoint_or_exploit", lambda *args: None)
+    scheduler._checkpoint_or_exploit(weak, None, [just_cloned], [weak])
+    state = scheduler._trial_state[just_cloned]
+    assert (state.last_checkpoint, state.last_result) == ("source-step-3", source_result)
+    for _ in range(50):
+        new, _ = scheduler._get_new_config(weak, just_cloned)
+        assert GRANULARITIES[new["granularity"]].ragged_heads and new["cloned_from"] == "clone/3"
 
 
 @pytest.mark.parametrize(
