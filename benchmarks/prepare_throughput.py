@@ -294,6 +294,11 @@ def bench_loader(size: tuple[int, int], source: Path, prepared: Path, rounds: in
 # --- report -----------------------------------------------------------------------------------------------
 
 
+def _workers(variant: str) -> int:
+    """The shard tasks a `prepare` variant runs at once: `prepare-wN` N on Ray, `prepare-local` the default count."""
+    return PrepareConfig.__dataclass_fields__["workers"].default if variant == "prepare-local" else int(variant[-1])
+
+
 def markdown(results: dict) -> str:
     """Two tables: prepare vs the extractor loop, then the shard loader vs features on the fly."""
     env, settings = results["environment"], results["settings"]
@@ -314,7 +319,7 @@ def markdown(results: dict) -> str:
                 wall = statistics.median(run["seconds"] for run in v["runs"])
                 spent = v["stage_seconds"]
                 stages.append((features, variant, f"{wall:.1f}", *(f"{spent[s]:.1f}" for s in spent),
-                               f"{wall * (1 if variant == 'prepare-local' else int(variant[-1])) - sum(spent.values()):.1f}"))
+                               f"{wall * _workers(variant) - sum(spent.values()):.1f}"))
         part = size.get("fbank")
         if part:
             fbanks += [(features, part["clips"], variant, f"{v['clips_per_s']['median']:.0f}", f"{v['speedup']:.2f}x")
