@@ -131,11 +131,12 @@ def test_shards_are_the_same_bytes_on_ray_and_in_process_for_any_worker_count(tm
 
 def test_resume_after_a_killed_run(tmp_path):
     root = speech_commands(tmp_path / "sc")
-    for k in range(40):  # enough shards that the run is still going when it is killed
+    for k in range(100):  # enough shards that the run is still going when it is killed
         write_wav(root / "cat" / f"{k + 100:08x}_nohash_1.wav", seed=1000 + k)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "search.cli", "data", "prepare", "--source", "speechcommands", "--input", str(root),
-               "--out", str(out), "--max-length", "50", "--num-mel-bins", "32", "--shard-size", "2", "--workers", "1"]
+               "--out", str(out), "--max-length", "50", "--num-mel-bins", "32", "--shard-size", "2", "--workers", "1",
+               "--engine", "ray"]  # on Ray (in this process the job can end before it is killed); resumed in this process
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("train/part-*.json"))) < 2:
@@ -147,7 +148,7 @@ def test_resume_after_a_killed_run(tmp_path):
     manifest = prepare(PrepareConfig(source="speechcommands", input=root, out=out, features=FEATURES, shard_size=2, workers=1))
     ids = [r["id"] for s in manifest["splits"] for shard in manifest["splits"][s]["shards"]
            for r in pq.read_table(out / shard, columns=["id"]).to_pylist()]
-    assert len(ids) == len(set(ids)) == 15 + 1 + 40  # 3 words x 5 speakers, the 44.1 kHz clip, 40 more
+    assert len(ids) == len(set(ids)) == 15 + 1 + 100  # 3 words x 5 speakers, the 44.1 kHz clip, 100 more
     assert not list(out.rglob(".part-*.tmp-*"))
 
 
