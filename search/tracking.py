@@ -6,10 +6,11 @@ its trial, segment, where it was cloned from (`trial/step`) and its lineage (the
 from the dense model, a JSON list), so a user browsing MLflow reads each model's schedule.
 
 The callback runs in the Tune driver, so trials need no MLflow access (a cluster's workers may not
-reach the tracking server). Every Tune event becomes an idempotent `Event` in a queue, sent in
-order; while the server cannot take them they stay queued, retried every few seconds and at the end,
-so the search never waits on MLflow. Steps already in MLflow are never logged twice, also after a
-trial restarts from a checkpoint or the search is resumed. Tune's own results (on `storage`) are the
+reach the tracking server). Every Tune event becomes an idempotent `Event` in a queue, which a
+background thread sends in order: the driver's loop only appends to it, so a slow or unreachable
+server never delays a result, a scheduling decision or a checkpoint. While the server cannot take
+them, events stay queued, retried every few seconds and at the end. Steps already in MLflow are
+never logged twice, also after a trial restarts from a checkpoint or the search is resumed. Tune's own results (on `storage`) are the
 record of truth: `replay` sends whatever MLflow is missing from them (`prune-search report` does).
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +156,11 @@ def run_key(trial_id: str, segment: int) -> str:
 
 
 class MlflowTracker(tune.Callback):
-    """Ray Tune callback mirroring every trial into a nested MLflow child run, through a queue."""
+    """Ray Tune callback mirroring every trial into a nested MLflow child run, through a queue.
+
+    `send` queues an event for the sender thread (started on first use); `flush` sends the queue in the
+    caller's thread (the replay of `report`, and the end of a search). Both may run at once: each event is
+    handled and dequeued under one lock, so none is sent twice or out of order."""
 
     def __init__(self, uri: str, experiment: str, parent: str, search_id: str, retry_every: float = 5.0) -> None:
         self.uri, self.experiment, self.parent, self.search_id = uri, experiment, parent, search_id
@@ -165,40 +171,82 @@ class MlflowTracker(tune.Callback):
         self._logged: dict[str, set[int]] = {}
         self._nodes: dict[str, list[str]] = {}
         self._ended: set[str] = set()
-        self._last_try = 0.0
+        self._local()
+
+    def _local(self) -> None:
+        """What lives only in this process: the client, the existing runs found, the lock and the sender."""
+        self._client_cache: MlflowClient | None = None
+        self._existing: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._sender: threading.Thread | None = None
 
     def __getstate__(self) -> dict:
-        # Tune pickles callbacks with the experiment state: the queue of unsent events goes with it
-        return {k: v for k, v in self.__dict__.items() if k != "_client_cache"}
+        """What Tune pickles with the experiment state: where to send, and the queue of unsent events. What
+        was sent a restored tracker reads back from MLflow (as a replay does): the sender may be changing it."""
+        kept = ("uri", "experiment", "parent", "search_id", "retry_every", "last_error")
+        return {**{k: self.__dict__[k] for k in kept}, "pending": list(self.pending)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["uri"], state["experiment"], state["parent"], state["search_id"], state["retry_every"])
+        self.pending, self.last_error = state["pending"], state["last_error"]
 
     @property
     def client(self) -> MlflowClient:
-        if "_client_cache" not in self.__dict__:
+        if self._client_cache is None:
             self._client_cache = MlflowClient(self.uri)
         return self._client_cache
 
     def send(self, event: Event) -> None:
-        """Queue an event and send what the server takes now."""
+        """Queue an event for the sender thread; returns at once."""
         self.pending.append(event)
-        self.flush()
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_in_background, name="mlflow-tracker", daemon=True)
+            self._sender.start()
+        self._wake.set()
+
+    def _send_in_background(self) -> None:
+        """Send whatever is queued when woken; after a refusal, try again every `retry_every` seconds."""
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            if not self.flush() and not self._stop.wait(self.retry_every):
+                self._wake.set()
+
+    def close(self, retries: int = 5) -> bool:
+        """Stop the sender and send what is left, retrying a refusing server; True when all went."""
+        self._stop.set()
+        self._wake.set()
+        if self._sender is not None:
+            self._sender.join()
+        self._sender = None
+        self._stop.clear()
+        return self.flush(retries=retries)
 
     def flush(self, retries: int = 0, wait: float = 2.0) -> bool:
         """Send queued events in order, stopping at the first the server refuses; True when all went."""
         for attempt in range(retries + 1):
-            self._last_try = time.monotonic()
-            while self.pending:
-                try:
-                    self._handle(self.pending[0])
-                except Exception as error:  # noqa: BLE001 - any transport or server error: keep it queued
-                    self.last_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                    break
-                self.pending.pop(0)
+            while self._send_first():
+                pass
             if not self.pending:
-                self.last_error = None
                 return True
             if attempt < retries:
                 time.sleep(wait)
         return False
+
+    def _send_first(self) -> bool:
+        """Handle and dequeue the oldest event; False when there is none or the server refused it."""
+        with self._lock:
+            if not self.pending:
+                self.last_error = None
+                return False
+            try:
+                self._handle(self.pending[0])
+            except Exception as error:  # noqa: BLE001 - any transport or server error: keep it queued
+                self.last_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                return False
+            self.pending.pop(0)
+            return True
 
     def _handle(self, event: Event) -> None:
         key = event.run_key
@@ -231,16 +279,12 @@ class MlflowTracker(tune.Callback):
         if key in self._runs:
             return self._runs[key]
         trial_id, segment, config = event.trial_id, event.segment, event.config
-        found = self.client.search_runs(
-            [self.experiment],
-            filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{self.parent}'",
-        )
-        found = [run for run in found if int(run.data.tags.get(SEGMENT_TAG, "0")) == segment]
+        found = self._existing_runs().get(key)
         if found:
-            run_id = found[0].info.run_id
+            run_id = found.info.run_id
             logged = {m.step for m in self.client.get_metric_history(run_id, "attention_sparsity")}
-            nodes = [n for n in found[0].data.tags.get(NODES_TAG, "").split(",") if n]
-            if found[0].info.status in ("FINISHED", "FAILED"):
+            nodes = [n for n in found.data.tags.get(NODES_TAG, "").split(",") if n]
+            if found.info.status in ("FINISHED", "FAILED"):
                 self._ended.add(key)
         else:
             tags = {
@@ -260,6 +304,16 @@ class MlflowTracker(tune.Callback):
         self._runs[key], self._logged[key], self._nodes[key] = run_id, logged, nodes
         return run_id
 
+    def _existing_runs(self) -> dict[str, Any]:
+        """The search's child runs in MLflow when this process first needed one, by run key: read once (a
+        resumed driver or a replay finds the runs made before it), not once per trial; the runs this
+        process makes are remembered in `_runs`."""
+        if self._existing is None:
+            runs = child_runs(self.client, self.experiment, self.parent)
+            self._existing = {run_key(r.data.tags.get(TRIAL_TAG, ""), int(r.data.tags.get(SEGMENT_TAG, "0"))): r
+                              for r in runs if r.data.tags.get(TRIAL_TAG)}
+        return self._existing
+
     def _end_exploited(self, trial_id: str, segment: int) -> None:
         """The trial's previous segment: population-based training replaced its model; it ends here."""
         previous = self._run_for(Event("started", trial_id, {"segment": segment}))
@@ -270,24 +324,28 @@ class MlflowTracker(tune.Callback):
             self._ended.add(key)
 
     def _log_step(self, key: str, run_id: str, result: dict) -> None:
+        """One prune step's metrics and tags in one call (a step logged before adds only a new node)."""
         node = result.get("node_id")
-        if node and node not in self._nodes[key]:  # the Ray nodes a trial ran on, in order
-            self.client.set_tag(run_id, NODES_TAG, ",".join([*self._nodes[key], node]))
-            self._nodes[key].append(node)
+        new_node = bool(node) and node not in self._nodes[key]
+        tags = [RunTag(NODES_TAG, ",".join([*self._nodes[key], node]))] if new_node else []  # the nodes, in order
         step = int(result["step"])
-        if step in self._logged[key]:
-            return
-        stamp = int(time.time() * 1000)
-        metrics = [Metric(k, float(result[k]), stamp, step) for k in METRIC_KEYS if result.get(k) is not None]
-        metrics += [
-            Metric(f"{LAYER_METRIC}{i}", value, stamp, step)
-            for i, value in enumerate(json.loads(result.get("layer_sparsity") or "[]"))
-        ]
-        tags = [RunTag(LINEAGE_TAG, result["lineage"])] if result.get("lineage") else []
-        if result.get("cloned_from"):  # the trainable's word, from the checkpoint it was handed
-            tags.append(RunTag(CLONED_FROM_TAG, str(result["cloned_from"])))
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        metrics = []
+        if step not in self._logged[key]:
+            stamp = int(time.time() * 1000)
+            metrics = [Metric(k, float(result[k]), stamp, step) for k in METRIC_KEYS if result.get(k) is not None]
+            metrics += [
+                Metric(f"{LAYER_METRIC}{i}", value, stamp, step)
+                for i, value in enumerate(json.loads(result.get("layer_sparsity") or "[]"))
+            ]
+            if result.get("lineage"):
+                tags.append(RunTag(LINEAGE_TAG, result["lineage"]))
+            if result.get("cloned_from"):  # the trainable's word, from the checkpoint it was handed
+                tags.append(RunTag(CLONED_FROM_TAG, str(result["cloned_from"])))
+        if metrics or tags:
+            self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self._logged[key].add(step)
+        if new_node:
+            self._nodes[key].append(node)
 
     # Tune's callback hooks, in the driver
 
@@ -304,12 +362,8 @@ class MlflowTracker(tune.Callback):
         error = str(getattr(trial, "error_file", "") or "")
         self.send(Event("failed", trial.trial_id, dict(trial.config), {"error": error}))
 
-    def on_step_end(self, iteration: int, trials: list, **info) -> None:
-        if self.pending and time.monotonic() - self._last_try >= self.retry_every:
-            self.flush()
-
     def on_experiment_end(self, trials: list, **info) -> None:
-        self.flush(retries=5)
+        self.close()
 
 
 def _kept(result: dict) -> dict:

@@ -94,7 +94,7 @@ def store(tmp_path_factory) -> dict:
         empty = new_search(client, uri, runs, "no-layers", "search-empty")
         no_layers = new_search(client, uri, runs, "no-layers", "search-no-layers")
         no_layers.send(Event("result", "trial_0", config("magnitude", "per_head"), result(1, 0.9, None, False)))
-    assert not tracker.pending and not no_layers.pending, tracker.last_error or no_layers.last_error
+        assert tracker.close() and no_layers.close(), tracker.last_error or no_layers.last_error
     searches = {"demo": tracker, "empty": empty, "no_layers": no_layers}
     return {"uri": uri, "client": client, **{name: (s.experiment, s.parent) for name, s in searches.items()}}
 
