@@ -26,7 +26,8 @@ from search.results import SearchState, finish, load_state, save_state
 from search.schedulers import StepBudget, build_scheduler
 from search.searchers import build_searcher, trial_count
 from search.simulation import SimulationSettings, run_simulated_trial
-from search.space import ConfigError, SearchConfig, load_config
+from search.space import ConfigError, SearchConfig, load_config, objective_keys
+from search.storage import CheckpointKeeper
 from search.tracking import MlflowTracker, end_lost_runs, experiment_id, fail_fast, parent_run, tracking_uri
 from search.trainable import TrialSettings, run_trial
 from search.warm_start import WarmStart, tell_earlier_trials
@@ -93,12 +94,19 @@ def run(config: SearchConfig, *, address: str | None = None, runs_dir: Path = Pa
             storage_path=storage,
             stop=StepBudget(config.step_budget),
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
-            callbacks=[MlflowTracker(client_uri, mlflow_experiment, parent, search_id)],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=_tune_keeps(config)),
+            callbacks=[MlflowTracker(client_uri, mlflow_experiment, parent, search_id),
+                       *([CheckpointKeeper(objective_keys(config.objectives, metric))]
+                         if config.checkpoints_to_keep == "front" else [])],
             verbose=1,
         ),
     )
     return _finish(tuner.fit(), config, state, runs_dir)
+
+
+def _tune_keeps(config: SearchConfig) -> int | None:
+    """Tune's `num_to_keep`: its own rule for a number, none for `front` (search.storage deletes instead)."""
+    return None if config.checkpoints_to_keep == "front" else config.checkpoints_to_keep
 
 
 def resume(experiment: str, *, address: str | None = None, runs_dir: Path = Path("runs")) -> int:

@@ -166,7 +166,9 @@ class SearchConfig:
     latency_repeats: int = 20
     lora_targets: str = "all_linear"
     max_failures: int = 2
-    checkpoints_to_keep: int | None = None
+    # None: every step's checkpoint; "front": each trial's latest, the front's and clone sources' (search.storage);
+    # N: each trial's last N (Tune's own rule: front models that are not a trial's latest are lost)
+    checkpoints_to_keep: int | str | None = None
     storage: str = "runs/ray"
     resources: Resources = field(default_factory=Resources)
     asha: AshaConfig = field(default_factory=AshaConfig)
@@ -370,6 +372,10 @@ def _validate(config: SearchConfig) -> None:
             raise _fail(source, key, f"an integer >= 1, got {getattr(config, key)!r}")
     if config.step_budget is not None and (not isinstance(config.step_budget, int) or config.step_budget < 1):
         raise _fail(source, "step_budget", f"an integer >= 1 (prune steps over all trials), or leave it out; got {config.step_budget!r}")
+    keep = config.checkpoints_to_keep
+    if keep is not None and keep != "front" and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise _fail(source, "checkpoints_to_keep", "'front' (each trial's latest step and every front model), an "
+                    f"integer >= 1 (each trial's last N steps), or leave it out to keep every step; got {keep!r}")
     if config.time_budget_s is not None and config.time_budget_s <= 0:
         raise _fail(source, "time_budget_s", "seconds > 0, or leave it out")
     if config.searcher not in SEARCHERS:
