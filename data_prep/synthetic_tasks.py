@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from data_prep.loader import DTYPES, MANIFEST
-from data_prep.shards import content_hash, shard_schema
+from data_prep.shards import content_hash, shard_schema, write_table
 
 SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 DEFAULT_COUNTS = {"train": 8000, "validation": 1000, "test": 2000}
@@ -150,9 +149,7 @@ def write_synthetic(name: str, out: str | Path, counts: dict[str, int] | None = 
         }
         target = out / shard
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        pq.write_table(pa.Table.from_pydict(columns, schema=shard_schema("single_label", task.dtype, size)), temporary)
-        os.replace(temporary, target)
+        write_table(pa.Table.from_pydict(columns, schema=shard_schema("single_label", task.dtype, size)), target)
         splits[split] = {"rows": len(labels), "shards": [shard]}
     features = {"input_key": task.input_key, "shape": list(task.shape), "dtype": task.dtype}
     if task.vocab_size is not None:
