@@ -39,6 +39,16 @@ LINEAGE_KEYS = ("segment", "cloned_from")  # search.tracking.LINEAGE_KEYS: where
 DEFAULT_MIN_HEADS = 1  # search.space.OPTIONAL_SPACE_KEYS["min_heads"]
 
 
+CHUNK = 1 << 24  # seeded bytes are made 16 MB at a time: an AST-base checkpoint (350 MB) never sits in memory whole
+
+
+def seeded_bytes(seed: str, size: int) -> Iterator[bytes]:
+    """`size` pseudo-random bytes from `seed`, in chunks (one `randbytes` call takes at most 268 MB)."""
+    generator = random.Random(seed)
+    for start in range(0, size, CHUNK):
+        yield generator.randbytes(min(CHUNK, size - start))
+
+
 class Schedule(NamedTuple):
     """prune_core.session.Schedule: the sparsity after `step` steps of `ratio` from `start`, the steps to a target."""
 
@@ -205,11 +215,13 @@ class SimulatedSession:
         })
         return self.history[-1]
 
-    def save(self, directory: Path, weights: bytes) -> None:
+    def save(self, directory: Path, weights: Iterator[bytes]) -> None:
         """The step checkpoint: the session state (the step `search.evaluate.step_checkpoints` reads) and the weights."""
         state = {"step": self.step, "start_step": self.start_step, "config": self.config, "history": self.history}
         (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
-        (directory / WEIGHTS_FILE).write_bytes(weights)
+        with open(directory / WEIGHTS_FILE, "wb") as file:
+            for chunk in weights:
+                file.write(chunk)
 
     @classmethod
     def resume(cls, directory: Path, settings: SimulationSettings, config: dict | None = None) -> SimulatedSession:
@@ -309,8 +321,7 @@ def run_simulated_trial(config: dict, settings: SimulationSettings) -> None:
         if final:
             test = record["metric"] - TEST_GAP + NOISE * noise(settings.seed, drawn, session.step, "test")
             metrics[f"test_{metric_name}"] = min(1.0, max(0.0, test))
-        weights = random.Random(f"{settings.seed}/{trial_id}/{segment['segment']}/{session.step}").randbytes(
-            settings.checkpoint_bytes)
+        weights = seeded_bytes(f"{settings.seed}/{trial_id}/{segment['segment']}/{session.step}", settings.checkpoint_bytes)
         with tempfile.TemporaryDirectory() as directory:
             session.save(Path(directory), weights)
             (Path(directory) / CURVE_FILE).write_text(json.dumps(curve))

@@ -339,3 +339,14 @@ def test_trials_that_ask_for_a_gpu_run_on_the_gpu_nodes(cluster, tmp_path, monke
     nodes = {key: set(child.data.tags[NODES_TAG].split(",")) for key, child in children.items()}
     assert all(used <= cluster for used in nodes.values()), f"a trial ran off the GPU nodes: {nodes} vs {cluster}"
     assert set().union(*nodes.values()) == cluster, "4 trials at once need both nodes' GPUs"
+
+
+def test_seeded_bytes_come_in_chunks_any_size(monkeypatch):
+    """An AST-base checkpoint (350 MB) is more than one `randbytes` call can make (2**31 bits): chunks of the same
+    seeded stream, the same bytes for the same seed, exactly `size` of them."""
+    assert simulation.CHUNK * 8 < 2**31
+    monkeypatch.setattr(simulation, "CHUNK", 4)
+    chunks = list(simulation.seeded_bytes("0/t/0/1", 10))
+    assert [len(c) for c in chunks] == [4, 4, 2]
+    assert b"".join(chunks) == b"".join(simulation.seeded_bytes("0/t/0/1", 10)) != b"".join(simulation.seeded_bytes("0/t/0/2", 10))
+    assert list(simulation.seeded_bytes("s", 0)) == []
