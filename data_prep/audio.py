@@ -64,17 +64,20 @@ def load_audio(
     try:
         with sf.SoundFile(path) as audio:
             rate = audio.samplerate
+            # integer PCM read as float32 is finite and within [-1, 1): those checks are for float files only
+            pcm = audio.subtype.startswith("PCM")
             frames = -1 if max_seconds is None else math.ceil(max_seconds * rate)
-            data = audio.read(frames, dtype="float32", always_2d=True)
+            data = audio.read(frames, dtype="float32")  # 1-D when mono: no copy to average one channel
     except sf.SoundFileError as error:
         reason, what = ("corrupt", "looks like audio but") if head.startswith(AUDIO_MAGIC) else ("not_audio", "is not audio:")
         raise AudioError(reason, f"{path} {what} soundfile cannot decode it ({error})") from None
     if data.shape[0] == 0:
         raise AudioError("empty", f"{path} holds no audio frames")
-    finite = np.isfinite(data)
-    if not finite.all():
-        raise AudioError("non_finite", f"{path} has {finite.size - int(finite.sum())} NaN or infinite samples")
-    samples = _resample(data.mean(axis=1, dtype=np.float32), rate, sample_rate, path)
+    if not pcm:
+        finite = np.isfinite(data)
+        if not finite.all():
+            raise AudioError("non_finite", f"{path} has {finite.size - int(finite.sum())} NaN or infinite samples")
+    samples = _resample(data if data.ndim == 1 else data.mean(axis=1, dtype=np.float32), rate, sample_rate, path)
     if max_seconds is not None:
         samples = samples[: round(max_seconds * sample_rate)]
     if samples.size < round(min_seconds * sample_rate):
@@ -82,6 +85,8 @@ def load_audio(
             "too_short",
             f"{path} is {samples.size / sample_rate * 1000:.1f} ms long, shorter than the minimum {min_seconds * 1000:g} ms",
         )
+    if pcm and rate == sample_rate:
+        return samples
     peak = float(np.abs(samples).max())
     return samples / peak if peak > 1.0 else samples
 

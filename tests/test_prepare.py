@@ -194,3 +194,25 @@ def test_audioset_multi_label(tmp_path):
     assert rows == 2 and manifest["splits"]["test"]["rows"] == 1
     test = ShardDataset(tmp_path / "out", "test")
     assert test[0]["labels"].tolist() == [0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("rate", [16000, 44100])
+def test_a_segment_of_a_long_file_reads_only_what_its_frames_need(tmp_path, monkeypatch, rate):
+    """A one-second segment 40 s into a 60 s file (the silence class's noise files): the samples `prepare` takes
+    equal those of the whole file decoded and cut, also through the resampler (its edge stays in the margin)."""
+    import data_prep.audio
+    from data_prep.shards import _decoded
+    from data_prep.sources import Clip
+
+    read = []
+    real_read = data_prep.audio.sf.SoundFile.read
+    monkeypatch.setattr(data_prep.audio.sf.SoundFile, "read", lambda self, frames=-1, **kw: read.append(frames) or real_read(self, frames, **kw))
+
+    path = tmp_path / "noise.wav"
+    write_wav(path, seconds=60.0, rate=rate, seed=3)
+    clip = Clip("noise-40", str(path), "train", (0,), start=40.0, end=41.0)
+    whole = load_audio(path)[40 * 16000: 41 * 16000]
+    read.clear()
+    np.testing.assert_allclose(_decoded(clip, FEATURES).numpy(), whole, atol=1e-6, rtol=0)
+    needed = 40.0 + FEATURES.max_length * FEATURES.frame_shift_ms / 1000 + 1.0  # the segment's frames, and a margin
+    assert read == [int(np.ceil(needed * rate))], "the whole file was read"
