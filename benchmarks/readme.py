@@ -35,6 +35,7 @@ TABLES = {
     "latency_model": ("latency_model", "markdown", "latency_model-cpu.json"),
     "onnx_runtime-opset18": ("onnx_runtime", "markdown", "onnx_runtime-opset18.json"),
     "onnx_runtime": ("onnx_runtime", "markdown", "onnx_runtime.json"),
+    "storage": ("storage", "markdown", "storage.json"),
 }
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n).*?(<!-- /table -->)", re.S)
 
