@@ -130,15 +130,20 @@ class RayCluster:
             current.unlink()
 
 
-@contextmanager
-def ray_cluster(folder: Path) -> Iterator[RayCluster]:
-    """A Ray head on 127.0.0.1 with token authentication (its own token file); stopped on exit."""
+def token_env(folder: Path) -> dict[str, str]:
+    """This process's environment with Ray token authentication on, by a token file of its own in `folder`:
+    what the nodes and every driver of a test cluster run with."""
     folder.mkdir(parents=True, exist_ok=True)
     token = folder / "ray-token"
     token.write_text(os.urandom(16).hex())
     token.chmod(0o600)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
-    cluster = RayCluster(folder, env)
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@contextmanager
+def ray_cluster(folder: Path) -> Iterator[RayCluster]:
+    """A Ray head on 127.0.0.1 with token authentication (its own token file); stopped on exit."""
+    cluster = RayCluster(folder, token_env(folder))
     try:
         cluster.start_head()
         yield cluster
@@ -188,3 +193,56 @@ def mlflow_server(folder: Path) -> Iterator[MlflowServer]:
         yield server
     finally:
         server.stop()
+
+
+# What the cluster launcher detects on each instance type of cluster.yaml (`resources: {}` there); the fake
+# provider has no instances to ask.
+INSTANCE_RESOURCES = {"g5.xlarge": {"CPU": 4, "GPU": 1}, "m6i.2xlarge": {"CPU": 8}}
+FAKE_HEAD_TYPE = "ray.head.default"  # the type name Ray's fake provider gives its head
+
+
+def fake_autoscaling_config(cluster: dict, gcs_address: str, idle_timeout_minutes: float = 0.1,
+                            max_workers: int | None = None) -> dict:
+    """`cluster.yaml` as a config of Ray's fake multi-node provider (`fake_multinode`): its node types, their
+    bounds (`max_workers` lowered to fit this machine when given) and upscaling speed, each worker type with the
+    resources of its instance type, and a short idle timeout. Every launcher-only part (cloud, SSH, setup
+    and start commands, file mounts) is emptied: the fake provider starts each node as local Ray processes."""
+    head = cluster["available_node_types"][cluster["head_node_type"]]
+    types = {FAKE_HEAD_TYPE: {"resources": dict(head.get("resources") or {}), "node_config": {}, "max_workers": 0}}
+    for name, node_type in cluster["available_node_types"].items():
+        if name == cluster["head_node_type"]:
+            continue
+        resources = dict(node_type.get("resources") or INSTANCE_RESOURCES[node_type["node_config"]["InstanceType"]])
+        bound = node_type["max_workers"] if max_workers is None else min(node_type["max_workers"], max_workers)
+        types[name] = {"resources": {**resources, "object_store_memory": 100_000_000}, "node_config": {},
+                       "min_workers": node_type.get("min_workers", 0), "max_workers": bound}
+    bound = cluster["max_workers"] if max_workers is None else min(cluster["max_workers"], max_workers)
+    return {
+        "cluster_name": cluster["cluster_name"], "max_workers": bound, "upscaling_speed": cluster["upscaling_speed"],
+        "idle_timeout_minutes": idle_timeout_minutes, "head_node_type": FAKE_HEAD_TYPE, "available_node_types": types,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
+        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+
+
+@contextmanager
+def autoscaling_cluster(folder: Path, cluster: dict, max_workers: int) -> Iterator[RayCluster]:
+    """A Ray head on 127.0.0.1 whose autoscaler launches and ends fake worker nodes (local Ray processes) by
+    `fake_autoscaling_config(cluster)`; every process, the autoscaled nodes included, stopped on exit."""
+    port = free_port()
+    env = {**token_env(folder), "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    config = folder / "autoscaling.json"
+    config.write_text(json.dumps(fake_autoscaling_config(cluster, f"127.0.0.1:{port}", max_workers=max_workers)))
+    running = RayCluster(folder, env, address=f"127.0.0.1:{port}")
+    head_cpus = cluster["available_node_types"][cluster["head_node_type"]].get("resources", {}).get("CPU", 0)
+    running.head = running._start("head", ["--head", f"--port={port}", f"--num-cpus={head_cpus}",
+                                           "--include-dashboard=false", f"--autoscaling-config={config}"])
+    try:
+        running._wait_for(1, "head", running.head)
+        yield running
+    finally:
+        running.stop()  # the autoscaled nodes are in the head's session: the monitor started them
