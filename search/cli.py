@@ -6,10 +6,28 @@ import argparse
 import contextlib
 import os
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-from prune_core import GRANULARITIES, SCORERS, THRESHOLDS
-from prune_core.export import DEFAULT_OPSET
+
+class _RegistryNames:
+    """A prune_core registry's names as argparse `choices`, looked up only when argparse needs them: importing
+    prune_core (transformers, peft) takes about 2 s, which every other command, `data prepare` first, would pay."""
+
+    def __init__(self, names: Callable[[Any], Iterable[str]]) -> None:
+        self._names = names
+
+    def _sorted(self) -> list[str]:
+        import prune_core
+
+        return sorted(self._names(prune_core))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._sorted()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sorted())
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -32,10 +50,11 @@ def _prune(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     """Export a saved model to ONNX and check its logits in ONNX Runtime against PyTorch's."""
     from prune_core import attention_sparsity
-    from prune_core.export import ExportError
+    from prune_core.export import DEFAULT_OPSET, ExportError
     from search.deploy import PARITY_TOLERANCE, export_checked, load_saved
 
     model = load_saved(args.model)
+    args.opset = args.opset or DEFAULT_OPSET
     try:
         worst = export_checked(model, args.out, tokens=args.tokens, opset=args.opset)
     except ExportError as error:
@@ -247,10 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = commands.add_parser("prune", help="prune a saved model once and save it")
     prune.add_argument("--model", required=True, help="a save_pretrained directory, a save_pruned directory or a hub id")
-    prune.add_argument("--granularity", choices=sorted(GRANULARITIES), default="entire_head")
-    prune.add_argument("--scorer", choices=sorted(name for name, scorer in SCORERS.items() if not scorer.needs_data),
+    prune.add_argument("--granularity", choices=_RegistryNames(lambda core: core.GRANULARITIES), default="entire_head")
+    prune.add_argument("--scorer", choices=_RegistryNames(lambda core: (name for name, scorer in core.SCORERS.items()
+                                                                         if not scorer.needs_data)),
                        default="magnitude", help="scorers that need no calibration data")
-    prune.add_argument("--threshold", choices=sorted(THRESHOLDS), default="global")
+    prune.add_argument("--threshold", choices=_RegistryNames(lambda core: core.THRESHOLDS), default="global")
     prune.add_argument("--amount", type=float, required=True, help="fraction of the attention parameters to remove")
     prune.add_argument("--out", required=True, help="directory to write the pruned model to")
     prune.set_defaults(run=_prune)
@@ -349,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the .onnx file to write")
     export.add_argument("--tokens", type=int, default=None,
                         help="text models: the example's sequence length (the graph's length stays dynamic)")
-    export.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+    export.add_argument("--opset", type=int, default=None,
                         help="ONNX opset; 23 (default) exports attention as ONNX's Attention op, which ONNX Runtime fuses")
     export.set_defaults(run=_export)
 

@@ -115,3 +115,15 @@ def test_ui_links_the_runs_table_and_stops_the_whole_server_on_sigterm(tmp_path,
             except ProcessLookupError:
                 pass
         cli.wait(timeout=10)
+
+
+def test_the_command_line_imports_no_model_code_until_a_command_needs_it():
+    """`data prepare` and the other commands that touch no model must not pay prune_core's import (transformers
+    and peft: about 2 s of every start-up); the prune command's choices still list the registries."""
+    code = ("import sys, search.cli; print(sorted(m for m in ('prune_core', 'transformers', 'peft', 'search.trainable') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    usage = subprocess.run([sys.executable, "-m", "search.cli", "prune", "--help"], capture_output=True, text=True,
+                           check=True).stdout
+    assert "{entire_head,hybrid,per_head,same_channel,variable_per_head}" in usage
