@@ -178,6 +178,7 @@ class StrategyPbt(PopulationBasedTraining):
     - trials are ranked by `trial_area` up to the sparsity all of them have reached (the curve from the
       dense model), not on each one's last score, which grows with the sparsity reached;
     - a bottom trial is exploited only when it ranks strictly below the top ones (a tie is no reason to clone);
+    - no trial is paused to time-share the cluster: the population runs at once (see `on_trial_result`);
     - a clone never writes over its trial's earlier step checkpoints;
     - explore resamples each searched key from the space with probability `pbt.resample` (Ray's list
       mutation shifts to the neighbouring entry, meaningless for strategy names), and never proposes a
@@ -216,7 +217,13 @@ class StrategyPbt(PopulationBasedTraining):
         if str(result.get("checkpoint_dir_name") or "").startswith("checkpoint_"):
             index = int(result["checkpoint_dir_name"].rsplit("_", 1)[1])
             self.checkpoint_index[trial.trial_id] = max(index, self.checkpoint_index.get(trial.trial_id, -1))
-        return super().on_trial_result(tune_controller, trial, result)
+        decision = super().on_trial_result(tune_controller, trial, result)
+        # Ray's PBT pauses a trial at a decision point while any other trial is pending or paused, to time-share
+        # a population larger than the cluster. A clone is paused while it restores, so every clone paused
+        # others, which paused others in turn: a population of 64 on 64 simulated GPUs got 1.7 of the 12.8
+        # results/s offered (benchmarks/scale.py). The population runs at once instead; a trial that does not
+        # fit waits for a slot, as under ASHA.
+        return TrialScheduler.CONTINUE if decision == TrialScheduler.PAUSE else decision
 
     def _exploit(self, tune_controller, trial, trial_to_clone) -> None:
         """As Ray's, and the clone's next checkpoint goes after every one its trial wrote. Ray restarts the

@@ -139,6 +139,20 @@ def test_a_just_cloned_trial_is_cloned_with_the_result_of_the_checkpoint_it_hold
         assert GRANULARITIES[new["granularity"]].ragged_heads and new["cloned_from"] == "clone/3"
 
 
+def test_a_trial_is_never_paused_to_time_share(monkeypatch):
+    """Ray's PBT answers PAUSE at a decision point while any other trial is pending or paused (a clone restoring
+    is), and each pause paused more: 64 trials got 1.7 of 12.8 results/s. The population runs at once; a trial
+    cloned itself (Ray pauses it to restore) is still left to Ray (NOOP)."""
+    from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+
+    scheduler = StrategyPbt(pbt_config(), "accuracy", 0.9)
+    trial = FakeTrial("t")
+    for ray_says, ours in ((TrialScheduler.PAUSE, TrialScheduler.CONTINUE), (TrialScheduler.NOOP, TrialScheduler.NOOP),
+                           (TrialScheduler.CONTINUE, TrialScheduler.CONTINUE)):
+        monkeypatch.setattr(PopulationBasedTraining, "on_trial_result", lambda *args, said=ray_says: said)
+        assert scheduler.on_trial_result(None, trial, {"step": 1}) == ours
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
