@@ -36,6 +36,7 @@ TABLES = {
     "onnx_runtime-opset18": ("onnx_runtime", "markdown", "onnx_runtime-opset18.json"),
     "onnx_runtime": ("onnx_runtime", "markdown", "onnx_runtime.json"),
     "storage": ("storage", "markdown", "storage.json"),
+    "scale": ("scale", "markdown", "scale.json"),
 }
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n).*?(<!-- /table -->)", re.S)
 
