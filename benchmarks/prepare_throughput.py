@@ -47,7 +47,7 @@ from data_prep.audio import load_audio
 from data_prep.features import AST_STATS, FeatureParams, fbank, normalize
 from data_prep.loader import MANIFEST, LoaderConfig, make_loader
 from data_prep.fbank import fbank_batch
-from data_prep.shards import FEATURE_BATCH, LOCAL_MAX_CLIPS, PrepareConfig, prepare
+from data_prep.shards import LOCAL_MAX_CLIPS, PrepareConfig, feature_batch, prepare
 from data_prep.sources import BACKGROUND, SPLIT_LISTS, Clip, list_source
 from data_prep.synth import SynthConfig, rms, synthesize
 
@@ -259,10 +259,10 @@ def bench_fbank(size: tuple[int, int], source: Path, rounds: int, clips: int = 5
     params = FeatureParams(num_mel_bins=size[0], max_length=size[1])
     listed = sorted(list_source(SOURCE, source, TASK).clips, key=lambda c: c.path)[:clips]
     audio = [load_audio(clip.path, params.sample_rate) for clip in listed]
+    batch = feature_batch(params)
     runs = {
         "kaldi.fbank per clip": lambda: [fbank(waveform, params) for waveform in audio],
-        f"fbank_batch x{FEATURE_BATCH}": lambda: [fbank_batch(audio[i: i + FEATURE_BATCH], params)
-                                                  for i in range(0, len(audio), FEATURE_BATCH)],
+        f"fbank_batch x{batch}": lambda: [fbank_batch(audio[i: i + batch], params) for i in range(0, len(audio), batch)],
     }
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
