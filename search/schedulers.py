@@ -178,7 +178,8 @@ class StrategyPbt(PopulationBasedTraining):
     - trials are ranked by `trial_area` up to the sparsity all of them have reached (the curve from the
       dense model), not on each one's last score, which grows with the sparsity reached;
     - a bottom trial is exploited only when it ranks strictly below the top ones (a tie is no reason to clone);
-    - no trial is paused to time-share the cluster: the population runs at once (see `on_trial_result`);
+    - a population that fits its slots (`trials` <= `max_concurrent`) runs at once: no trial is paused to
+      time-share (see `on_trial_result`); a larger one takes turns, as in Ray's;
     - a clone never writes over its trial's earlier step checkpoints;
     - explore resamples each searched key from the space with probability `pbt.resample` (Ray's list
       mutation shifts to the neighbouring entry, meaningless for strategy names), and never proposes a
@@ -196,6 +197,7 @@ class StrategyPbt(PopulationBasedTraining):
         self.curves: dict[str, dict[int, tuple[float, ...]]] = {}  # trial id -> step -> curve_entry
         self.keys = ("attention_sparsity", *objective_keys(config.objectives, metric))  # what a curve entry needs
         self.checkpoint_index: dict[str, int] = {}  # trial id -> the highest checkpoint folder index it has written
+        self.time_share = config.trials > config.max_concurrent  # a population larger than its slots takes turns
         super().__init__(
             time_attr=TIME_ATTR,
             metric=ASHA_METRIC,
@@ -219,11 +221,10 @@ class StrategyPbt(PopulationBasedTraining):
             self.checkpoint_index[trial.trial_id] = max(index, self.checkpoint_index.get(trial.trial_id, -1))
         decision = super().on_trial_result(tune_controller, trial, result)
         # Ray's PBT pauses a trial at a decision point while any other trial is pending or paused, to time-share
-        # a population larger than the cluster. A clone is paused while it restores, so every clone paused
-        # others, which paused others in turn: a population of 64 on 64 simulated GPUs got 1.7 of the 12.8
-        # results/s offered (benchmarks/scale.py). The population runs at once instead; a trial that does not
-        # fit waits for a slot, as under ASHA.
-        return TrialScheduler.CONTINUE if decision == TrialScheduler.PAUSE else decision
+        # a population larger than the trial slots. A clone is paused while it restores, so where the population
+        # fits its slots every clone paused others, which paused others in turn: 64 trials on 64 simulated GPUs
+        # got 1.7 of the 12.8 results/s offered (benchmarks/scale.py). There the population runs at once.
+        return TrialScheduler.CONTINUE if decision == TrialScheduler.PAUSE and not self.time_share else decision
 
     def _exploit(self, tune_controller, trial, trial_to_clone) -> None:
         """As Ray's, and the clone's next checkpoint goes after every one its trial wrote. Ray restarts the

@@ -139,18 +139,23 @@ def test_a_just_cloned_trial_is_cloned_with_the_result_of_the_checkpoint_it_hold
         assert GRANULARITIES[new["granularity"]].ragged_heads and new["cloned_from"] == "clone/3"
 
 
-def test_a_trial_is_never_paused_to_time_share(monkeypatch):
+def test_a_population_that_fits_its_slots_is_never_paused_to_time_share(monkeypatch):
     """Ray's PBT answers PAUSE at a decision point while any other trial is pending or paused (a clone restoring
-    is), and each pause paused more: 64 trials got 1.7 of 12.8 results/s. The population runs at once; a trial
-    cloned itself (Ray pauses it to restore) is still left to Ray (NOOP)."""
+    is), and each pause paused more: 64 trials on 64 slots got 1.7 of 12.8 results/s. A population that fits its
+    slots runs at once; a larger one still takes turns; a trial cloned itself is left to Ray (NOOP)."""
     from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 
-    scheduler = StrategyPbt(pbt_config(), "accuracy", 0.9)
+    fits = StrategyPbt(pbt_config(trials=4, max_concurrent=4), "accuracy", 0.9)
+    larger = StrategyPbt(pbt_config(trials=4, max_concurrent=2), "accuracy", 0.9)
     trial = FakeTrial("t")
-    for ray_says, ours in ((TrialScheduler.PAUSE, TrialScheduler.CONTINUE), (TrialScheduler.NOOP, TrialScheduler.NOOP),
-                           (TrialScheduler.CONTINUE, TrialScheduler.CONTINUE)):
+    for ray_says, at_once, taking_turns in (
+        (TrialScheduler.PAUSE, TrialScheduler.CONTINUE, TrialScheduler.PAUSE),
+        (TrialScheduler.NOOP, TrialScheduler.NOOP, TrialScheduler.NOOP),
+        (TrialScheduler.CONTINUE, TrialScheduler.CONTINUE, TrialScheduler.CONTINUE),
+    ):
         monkeypatch.setattr(PopulationBasedTraining, "on_trial_result", lambda *args, said=ray_says: said)
-        assert scheduler.on_trial_result(None, trial, {"step": 1}) == ours
+        assert fits.on_trial_result(None, trial, {"step": 1}) == at_once
+        assert larger.on_trial_result(None, trial, {"step": 1}) == taking_turns
 
 
 @pytest.mark.parametrize(
